@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vidret.errors import VidretError
@@ -34,8 +34,14 @@ class ManifestEntry:
             raise ValueError(f"{self.video_id}: end ({self.end}) must be after start ({self.start})")
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d["captions"] = list(self.captions)
+        # Built by hand: dataclasses.asdict deep-copies and dominated writing large manifests.
+        d = {
+            "video_id": self.video_id,
+            "path": self.path,
+            "captions": list(self.captions),
+            "start": self.start,
+            "end": self.end,
+        }
         return json.dumps(d, ensure_ascii=False)
 
 
