@@ -1,0 +1,5 @@
+import sys
+
+from vidret.cli import main
+
+sys.exit(main())

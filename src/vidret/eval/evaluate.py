@@ -1,0 +1,212 @@
+"""Evaluation: encode a manifest's videos and captions, score every pair, report T2V and V2T metrics.
+
+Protocols (METHODS.md): ``single`` (one caption per video, both directions on the square matrix), ``multi``
+(every caption is a T2V query; V2T ranks caption groups by their best caption) and ``paragraph`` (a video's
+captions joined into one query). DSL and QB-Norm are reported separately under ``postprocessed``; the default
+numbers never include them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vidret.adapters.base import backbone_state_dict
+from vidret.backbone.clip import fingerprint
+from vidret.backbone.tokenizer import tokenize
+from vidret.data.cache import FrameCache
+from vidret.data.dataset import EvalVideoDataset, collate
+from vidret.data.decode import BadVideoReport
+from vidret.data.manifest import ManifestEntry, read_manifest
+from vidret.data.sampling import SamplingConfig
+from vidret.eval import metrics as M
+from vidret.heads import VideoFeatures
+from vidret.model import VideoTextModel
+
+
+def captions_for(entries: list[ManifestEntry], protocol: str) -> tuple[list[str], list[int]]:
+    """Query texts and the index of each query's video, for a protocol."""
+    texts: list[str] = []
+    owner: list[int] = []
+    for i, e in enumerate(entries):
+        if not e.captions:
+            continue
+        if protocol == "paragraph":
+            texts.append(" ".join(c.strip() for c in e.captions))
+            owner.append(i)
+        elif protocol == "single":
+            texts.append(e.captions[0])
+            owner.append(i)
+        elif protocol == "multi":
+            texts.extend(e.captions)
+            owner.extend([i] * len(e.captions))
+        else:
+            raise ValueError(f"unknown protocol {protocol!r}")
+    return texts, owner
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: VideoTextModel,
+    texts: list[str],
+    max_words: int,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 256,
+) -> Tensor:
+    """[N] captions -> [N, E] fp32 text embeddings."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(texts[i : i + batch_size], context_length=max_words).to(device)
+        with _autocast(device, precision):
+            out.append(model.encode_text(tokens).float())
+    return torch.cat(out) if out else torch.zeros(0, model.clip.config.embed_dim)
+
+
+@torch.no_grad()
+def encode_videos(
+    model: VideoTextModel,
+    entries: list[ManifestEntry],
+    data_cfg: Any,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 32,
+) -> tuple[VideoFeatures, list[bool], list[str]]:
+    """Encode every video; returns per-frame features [N, T, E], which videos decoded, and the bad ones' ids."""
+    sampling = SamplingConfig(num_frames=data_cfg.num_frames, fps=data_cfg.fps, mode="eval")
+    cache = FrameCache(data_cfg.cache_dir, sampling, data_cfg.image_size) if data_cfg.cache_dir else None
+    ds = EvalVideoDataset(entries, sampling, cache=cache, image_size=data_cfg.image_size)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=data_cfg.num_workers
+    )
+    T, E = data_cfg.num_frames, model.clip.config.embed_dim
+    frames = torch.zeros(len(entries), T, E)
+    masks = torch.zeros(len(entries), T, dtype=torch.bool)
+    valid = [False] * len(entries)
+    bad = BadVideoReport(total=len(entries))
+    for batch in loader:
+        bad.update(batch)
+        if batch["frames"].shape[0] == 0:
+            continue
+        with _autocast(device, precision):
+            v = model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device))
+        idx = batch["video_index"]
+        frames[idx] = v.frames.float().cpu()
+        masks[idx] = v.mask.cpu()
+        for i in idx.tolist():
+            valid[i] = True
+    bad.check(data_cfg.max_bad_fraction)
+    return VideoFeatures(frames, masks), valid, [v for v, _, _ in bad.items]
+
+
+@torch.no_grad()
+def similarity_matrix(model: VideoTextModel, text: Tensor, video: VideoFeatures, chunk: int = 4096) -> Tensor:
+    """[N_text, N_video] logits, computed in video chunks so large sets fit in memory."""
+    cols = []
+    for s in range(0, video.frames.shape[0], chunk):
+        part = VideoFeatures(video.frames[s : s + chunk], video.mask[s : s + chunk])
+        cols.append(model.similarity(text, part).float().cpu())
+    return torch.cat(cols, dim=1)
+
+
+def metrics_for(sim: Tensor, owner: Tensor, protocol: str) -> dict[str, dict[str, float]]:
+    """T2V and V2T metrics of a [N_text, N_video] matrix under a protocol."""
+    t2v = M.retrieval_metrics(sim, owner)
+    if protocol == "multi":
+        v2t = M.v2t_metrics_multi(sim, owner)
+    else:
+        # one query per video: the transposed matrix with the inverse assignment
+        v2t = M.retrieval_metrics(sim.t(), torch.argsort(owner))
+    return {"t2v": t2v, "v2t": v2t}
+
+
+def pair_accuracy(
+    sim: Tensor, owner: list[int], entries: list[ManifestEntry], pairs: list[tuple[str, str]]
+) -> dict[str, float]:
+    """Time-reversal hard negatives: share of captions whose own video outscores its reversed twin."""
+    index = {e.video_id: i for i, e in enumerate(entries)}
+    caps_of: dict[int, list[int]] = {}
+    for q, v in enumerate(owner):
+        caps_of.setdefault(v, []).append(q)
+    wins = total = 0
+    for a, b in pairs:
+        if a not in index or b not in index:
+            continue
+        ia, ib = index[a], index[b]
+        for own, other in ((ia, ib), (ib, ia)):
+            for q in caps_of.get(own, []):
+                total += 1
+                wins += int(sim[q, own] > sim[q, other])
+    return {"pair_accuracy": 100.0 * wins / total if total else float("nan"), "pair_queries": total}
+
+
+def evaluate_model(
+    model: VideoTextModel,
+    manifest: str | Path,
+    data_cfg: Any,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    protocol: str | None = None,
+    pairs_file: str | Path | None = None,
+    postprocess: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on a manifest; returns a JSON-ready dict (metrics, counts, fingerprints)."""
+    device = torch.device(device)
+    protocol = protocol or data_cfg.test_protocol
+    entries = read_manifest(manifest)
+    model.eval()
+    video, valid, bad = encode_videos(model, entries, data_cfg, device, precision, batch_size)
+    keep = [i for i, ok in enumerate(valid) if ok]
+    entries_kept = [entries[i] for i in keep]
+    video = VideoFeatures(video.frames[keep], video.mask[keep])
+    texts, owner = captions_for(entries_kept, protocol)
+    text = encode_texts(model, texts, data_cfg.max_words, device, precision)
+    sim = similarity_matrix(model, text, VideoFeatures(video.frames.to(device), video.mask.to(device)))
+    owner_t = torch.tensor(owner, dtype=torch.long)
+    result: dict[str, Any] = {
+        "manifest": str(manifest),
+        "protocol": protocol,
+        "n_videos": len(entries_kept),
+        "n_queries": len(texts),
+        "bad_videos": bad,
+        **metrics_for(sim, owner_t, protocol),
+        "method": model.method,
+        "preset": model.preset,
+        "backbone": model.clip.name,
+        "backbone_fingerprint": model.backbone_fingerprint,
+        "adapter_fingerprint": adapter_fingerprint(model),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    if postprocess:
+        dsl = M.dual_softmax(sim)
+        result["postprocessed"] = {"dsl": metrics_for(dsl, owner_t, protocol)}
+    if pairs_file is not None and Path(pairs_file).is_file():
+        pairs = [tuple(p) for p in json.loads(Path(pairs_file).read_text())["pairs"]]
+        result["reversal"] = pair_accuracy(sim, owner, entries_kept, pairs)  # type: ignore[arg-type]
+    if extra:
+        result.update(extra)
+    return result
+
+
+def adapter_fingerprint(model: VideoTextModel) -> str:
+    """Fingerprint of the trained state (adapter modules, trained backbone tensors, head)."""
+    state = {n: p.detach() for n, p in model.trainable_named_parameters()}
+    if not state:
+        return fingerprint(backbone_state_dict(model.clip))
+    # biases are what some methods train: include them by renaming away the "bias" suffix rule
+    return fingerprint({n + "#": t for n, t in state.items()})
