@@ -193,8 +193,10 @@ def evaluate_model(
         "machine": platform.machine(),
     }
     if postprocess:
-        dsl = M.dual_softmax(sim)
-        result["postprocessed"] = {"dsl": metrics_for(dsl, owner_t, protocol)}
+        # DSL re-weights over the query axis of each direction: texts for T2V, videos for V2T (CAMoE).
+        dsl_t2v = metrics_for(M.dual_softmax(sim), owner_t, protocol)["t2v"]
+        dsl_v2t = metrics_for(M.dual_softmax(sim.t()).t(), owner_t, protocol)["v2t"]
+        result["postprocessed"] = {"dsl": {"t2v": dsl_t2v, "v2t": dsl_v2t}}
     if pairs_file is not None and Path(pairs_file).is_file():
         pairs = [tuple(p) for p in json.loads(Path(pairs_file).read_text())["pairs"]]
         result["reversal"] = pair_accuracy(sim, owner, entries_kept, pairs)  # type: ignore[arg-type]
