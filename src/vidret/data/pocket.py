@@ -1,0 +1,855 @@
+"""The pocket world: a procedurally generated stand-in for CLIP pretraining and video-text transfer.
+
+``generate_pocket_world(out_dir, config)`` writes, deterministically from ``config.seed``:
+
+- ``pretrain_images.npy`` (uint8 ``[N, S, S, 3]``) + ``pretrain.jsonl`` (``{"image": i, "caption": ...,
+  "objects": [...]}``): static scenes of 1-2 coloured shapes with size and 3x3-grid position captions.
+- ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` / ``probe.jsonl``: vidret manifests of real h264
+  ``.mp4`` clips under ``videos/<split>/``. In a clip one or two objects move, grow, shrink, appear,
+  disappear or change colour, one or two events in sequence; captions say what happens and in which
+  order, with several templates and synonyms (some put the later event first: "B after A").
+  ``probe`` holds static clips with pretraining-style captions (a zero-shot sanity check).
+- ``test_pairs.json``: the time-reversed hard negatives. For a share of the test clips the same frames
+  in reverse order are a second video (``<id>_rev``) whose caption describes the reversed events.
+- ``<split>_events.jsonl``: the symbolic scene of every clip (for per-event analysis).
+- ``pocket_world.json`` (written LAST, so its presence marks a complete world): config, counts, version.
+
+Why reversal pairs are hard negatives that only temporal models can separate: every frame is coded
+as an intra frame with a constant quantiser, so a frame's decoded pixels do not depend on its
+neighbours and the reversed twin decodes to exactly the same multiset of frames (tested). Any
+order-blind pooling (meanP) therefore gives both videos the same embedding. This holds when the
+sampler takes all ``config.frames`` frames: clips are written at ``config.fps`` (1 by default), so
+the usual "1 fps, then uniform subsample to T" sampling with ``T = config.frames`` returns each
+frame once. The event grammar is reversal-symmetric (each symbolic scene is replaced by its reversal
+with probability 1/2, and palindromic scenes are rejected), so a twin is as likely as its original.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from vidret.data.manifest import ManifestEntry, write_manifest
+from vidret.errors import VidretError
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1  # bump whenever the output for a given config changes
+PocketSize = Literal["tiny", "small", "default"]
+Split = Literal["train", "val", "test", "probe"]
+_SPLIT_IDS = {"pretrain": 0, "train": 1, "val": 2, "test": 3, "probe": 4}  # part of every item's seed
+_INFO = "pocket_world.json"
+_FILES = {
+    "pretrain_images": "pretrain_images.npy",
+    "pretrain_manifest": "pretrain.jsonl",
+    "test_pairs": "test_pairs.json",
+}
+_FILES.update({k: f"{k}.jsonl" for split in ("train", "val", "test", "probe") for k in (split, f"{split}_events")})
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class PocketConfig:
+    """What to generate; the output is a pure function of this config (and GENERATOR_VERSION)."""
+
+    seed: int = 0  # every item is drawn from default_rng([seed, split_id, index, ...])
+    image_size: int = 64  # frames and images are image_size x image_size (even, for yuv420p)
+    frames: int = 8  # frames per clip (T); sample all of them to keep reversal pairs order-only
+    fps: int = 1  # clip frame rate; 1 so that 1-fps sampling returns every frame exactly once
+    pretrain_images: int = 20000  # static image-caption pairs for tiny-CLIP pretraining
+    train_clips: int = 2000
+    val_clips: int = 200
+    test_clips: int = 256  # clips before adding reversed twins
+    test_reversed_fraction: float = 0.5  # share of test clips that also get a time-reversed twin
+    probe_clips: int = 100  # static clips with pretraining-style captions (zero-shot probe)
+    train_captions: int = 4  # paraphrases per training clip
+    eval_captions: int = 1  # captions per val/test/probe clip
+    two_event_prob: float = 0.7  # P(a clip has two events in sequence) vs one
+    two_object_prob: float = 0.6  # P(a scene has two objects) vs one
+    qp: int = 10  # h264 constant quantiser, every frame intra-coded (0 = lossless, 4:4:4 profile)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> VidretError:
+            return VidretError(f"PocketConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float) if f.type == "float" else int):
+                raise bad(f.name, f"must be a{'' if f.type == 'float' else 'n'} {f.type}")
+        if self.seed < 0:
+            raise bad("seed", "must be >= 0")
+        if not 32 <= self.image_size <= 256 or self.image_size % 2:
+            raise bad("image_size", "must be an even number between 32 and 256")
+        if not 2 <= self.frames <= 64:
+            raise bad("frames", "must be between 2 and 64")
+        if not 1 <= self.fps <= 60:
+            raise bad("fps", "must be between 1 and 60")
+        for name in ("pretrain_images", "train_clips", "val_clips", "test_clips", "probe_clips"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        for name in ("train_captions", "eval_captions"):
+            if not 1 <= getattr(self, name) <= 20:
+                raise bad(name, "must be between 1 and 20")
+        for name in ("test_reversed_fraction", "two_event_prob", "two_object_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "must be between 0 and 1")
+        if not 0 <= self.qp <= 51:
+            raise bad("qp", "must be between 0 and 51 (h264 quantiser)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PocketConfig:
+        """Build from a dict (e.g. pocket_world.json); unknown keys raise VidretError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VidretError(f"unknown PocketConfig key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_size(cls, size: PocketSize = "default", seed: int = 0) -> PocketConfig:
+        """A named size: ``default`` (the demo), ``small`` (quick look), ``tiny`` (tests)."""
+        if size not in _SIZES:
+            raise VidretError(f"unknown pocket size {size!r}; choose one of {sorted(_SIZES)}")
+        return replace(cls(seed=seed), **_SIZES[size])
+
+    def split_clips(self, split: Split) -> int:
+        return int(getattr(self, f"{split}_clips"))
+
+    def reversed_twins(self) -> int:
+        """Number of test clips that get a reversed twin."""
+        return int(np.floor(self.test_clips * self.test_reversed_fraction + 1e-9))
+
+
+_SIZES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "small": {"pretrain_images": 2000, "train_clips": 300, "val_clips": 50, "test_clips": 64, "probe_clips": 20},
+    "tiny": {"pretrain_images": 48, "train_clips": 10, "val_clips": 4, "test_clips": 8, "probe_clips": 2},
+}
+
+
+@dataclass(frozen=True)
+class PocketReport:
+    """What generate_pocket_world did (or found already there)."""
+
+    out_dir: Path
+    config: PocketConfig
+    counts: dict[str, int]  # videos per split, "pretrain_images", "reversal_pairs", "captions_<split>"
+    manifests: dict[str, Path]  # split -> manifest path
+    pretrain_images: Path  # the .npy array
+    pretrain_manifest: Path  # pretrain.jsonl
+    pairs_file: Path  # test_pairs.json
+    bytes_on_disk: int
+    seconds: float  # generation time (0.0 when reused)
+    reused: bool  # True when a complete world for this config was already there
+
+
+class PretrainSet(NamedTuple):
+    """The image-caption pretraining set: ``images`` uint8 ``[N, H, W, 3]`` (memory-mapped)."""
+
+    images: np.ndarray
+    captions: list[str]
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 38, 38),
+    "green": (40, 180, 60),
+    "blue": (45, 90, 225),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "white": (235, 235, 235),
+}
+
+
+def _w(options: str) -> list[str]:
+    """Word lists are written as "a|b|c" to keep the vocabulary compact."""
+    return options.split("|")
+
+
+_COLOUR_WORDS = {
+    "red": _w("red|crimson|scarlet"),
+    "green": _w("green|emerald"),
+    "blue": _w("blue|azure|cobalt"),
+    "yellow": _w("yellow|golden|lemon"),
+    "purple": _w("purple|violet"),
+    "white": _w("white|snow-white"),
+}
+_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+_SHAPE_WORDS = {
+    "circle": _w("circle|disk|dot|ball"),
+    "square": _w("square|box|block"),
+    "triangle": _w("triangle|triangle shape"),
+    "diamond": _w("diamond|rhombus|lozenge"),
+    "cross": _w("cross|plus sign|plus"),
+}
+_SIZE_WORDS = {False: _w("small|tiny|little"), True: _w("large|big|huge")}
+_MOVE_WORDS = {
+    "right": _w("moves right|moves to the right|slides right|goes right|drifts to the right|travels rightwards"),
+    "left": _w("moves left|moves to the left|slides left|goes left|drifts to the left|travels leftwards"),
+    "up": _w("moves up|moves upwards|rises|goes up|slides up|climbs|drifts upward"),
+    "down": _w("moves down|moves downwards|falls|goes down|slides down|drops|sinks"),
+}
+_EVENT_WORDS = {
+    "grow": _w("grows|gets bigger|expands|grows larger|becomes bigger|increases in size"),
+    "shrink": _w("shrinks|gets smaller|contracts|becomes smaller|decreases in size|dwindles"),
+    "appear": _w("appears|shows up|pops up|comes into view|emerges|pops into view"),
+    "disappear": _w("disappears|vanishes|goes away|disappears from view|vanishes from sight|pops out of view"),
+    "recolour": _w("turns {c}|becomes {c}|changes colour to {c}|changes color to {c}|switches to {c}"),
+}
+_EVENT_WORDS["recolour"].append("changes from {c0} to {c}")
+_STILL_WORDS = _w(", while {o} stays still|, while {o} does not move|; {o} stays where it is|, and {o} remains still")
+_ONE_EVENT = _w("{a}|in this clip, {a}|a clip where {a}|we see that {a}|here {a}")
+# (template, True when the later event is written first): word order must not give time order away
+_TWO_EVENTS = [(t, False) for t in _w("{a}, then {b}|{a}, and then {b}|first {a}, then {b}|{a}; after that, {b}")]
+_TWO_EVENTS += [(t, False) for t in _w("{a}, and afterwards {b}|{a} before {b}|after {a}, {b}")]
+_TWO_EVENTS += [(t, True) for t in _w("{b} after {a}|before {b}, {a}|{b}, but first {a}|{b}; earlier, {a}")]
+_STATIC_ONE = _w("{o}|a picture of {o}|an image of {o}|there is {o}|{o} on a dark background|a frame showing {o}")
+_STATIC_TWO = _w("{o1} and {o2}|there is {o1} and {o2}|a picture of {o1} and {o2}|{o1} together with {o2}")
+_STATIC_TWO += _w("{o1} as well as {o2}|an image of {o1} and {o2}")
+_OPPOSITE = {"right": "left", "up": "down", "grow": "shrink", "appear": "disappear"}
+_OPPOSITE.update({v: k for k, v in _OPPOSITE.items()})
+_DIRS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+_ROWS = ("top", "middle", "bottom")
+_COLS = ("left", "centre", "right")
+
+
+def _pick(rng: np.random.Generator, options: list[str] | tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _position_phrase(row: int, col: int, rng: np.random.Generator) -> str:
+    if row != 1 and col != 1:
+        v = _pick(rng, ["top", "upper"] if row == 0 else ["bottom", "lower"])
+        h = _COLS[col]
+        return _pick(rng, [f"in the {v} {h}", f"at the {v} {h}", f"in the {v}-{h} corner", f"in the {v} {h} corner"])
+    if row != 1:
+        v, v2 = ("top", "upper") if row == 0 else ("bottom", "lower")
+        return _pick(
+            rng, [f"at the {v}", f"in the {v} middle", f"at the {v} centre", f"near the {v}", f"in the {v2} middle"]
+        )
+    if col != 1:
+        h = _COLS[col]
+        return _pick(rng, [f"on the {h}", f"at the {h}", f"in the middle {h}", f"on the {h} side"])
+    return _pick(rng, ["in the centre", "in the center", "in the middle", "at the centre"])
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class _Obj:
+    """An object's state; ``size`` is in pixels, (x, y) its centre in pixels."""
+
+    shape: str
+    colour: str
+    size: float
+    present: bool
+    x: float = 0.0
+    y: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Event:
+    obj: int  # index into the scene's objects
+    kind: str  # move | grow | shrink | appear | disappear | recolour
+    arg: str = ""  # move: direction; recolour: the new colour
+    dist: float = 0.0  # move: distance in pixels
+
+
+def _sizes(s: int) -> tuple[float, float]:
+    """(small, large) object extent in pixels: 10 and 18 at 64x64."""
+    return round(0.16 * s), round(0.28 * s)
+
+
+def _apply(o: _Obj, e: _Event, p: float, s: int) -> _Obj:
+    """State of ``o`` after event ``e`` has progressed by ``p`` in [0, 1]; p = 0 is the identity."""
+    small, large = _sizes(s)
+    if e.kind == "move":
+        dx, dy = _DIRS[e.arg]
+        return replace(o, x=o.x + dx * e.dist * p, y=o.y + dy * e.dist * p)
+    if e.kind == "grow":
+        return replace(o, size=small + (large - small) * p)
+    if e.kind == "shrink":
+        return replace(o, size=large - (large - small) * p)
+    # Discrete changes happen at mid-event (for T a multiple of 4 no frame sits exactly there).
+    if e.kind == "appear":
+        return replace(o, present=p >= 0.5)
+    if e.kind == "disappear":
+        return replace(o, present=p < 0.5)
+    if e.kind == "recolour":
+        return replace(o, colour=e.arg if p >= 0.5 else o.colour)
+    raise AssertionError(e.kind)
+
+
+def _start_states(objs: list[_Obj], events: list[_Event], s: int) -> tuple[list[list[_Obj]], list[_Obj]]:
+    """Objects at the start of each event, and at the end of the clip."""
+    cur = list(objs)
+    starts = []
+    for e in events:
+        starts.append(list(cur))
+        cur[e.obj] = _apply(cur[e.obj], e, 1.0, s)
+    return starts, cur
+
+
+def _reverse(objs: list[_Obj], events: list[_Event], s: int) -> tuple[list[_Obj], list[_Event]]:
+    """The scene played backwards: starts in the final state, inverse events in reverse order."""
+    starts, final = _start_states(objs, events, s)
+    rev = []
+    for e, st in zip(reversed(events), reversed(starts)):
+        if e.kind == "recolour":
+            rev.append(replace(e, arg=st[e.obj].colour))
+        else:
+            rev.append(replace(e, kind=_OPPOSITE.get(e.kind, e.kind), arg=_OPPOSITE.get(e.arg, e.arg)))
+    return final, rev
+
+
+def _symbolic(e: _Event) -> tuple[int, str, str]:
+    return (e.obj, e.kind, e.arg)
+
+
+def _sample_scene(rng: np.random.Generator, cfg: PocketConfig) -> tuple[list[_Obj], list[_Event]]:
+    """A random event scene, reversal-symmetric in distribution and never a palindrome."""
+    s = cfg.image_size
+    small, large = _sizes(s)
+    while True:
+        n_obj = 2 if rng.random() < cfg.two_object_prob else 1
+        n_ev = 2 if rng.random() < cfg.two_event_prob else 1
+        shapes = rng.choice(len(_SHAPES), size=n_obj, replace=False)
+        colours = rng.choice(len(_COLOURS), size=n_obj, replace=False)
+        sizes = [float(large if rng.random() < 0.5 else small) for _ in range(n_obj)]
+        present = [bool(rng.random() >= 0.25) for _ in range(n_obj)]
+        objs = [_Obj(_SHAPES[sh], list(_COLOURS)[c], z, p) for sh, c, z, p in zip(shapes, colours, sizes, present)]
+        cur = list(objs)
+        events: list[_Event] = []
+        for _ in range(n_ev):
+            i = int(rng.integers(n_obj))
+            o = cur[i]
+            if not o.present:
+                e = _Event(i, "appear")
+            else:
+                kind = _pick(rng, ["move", "size", "disappear", "recolour"])
+                if kind == "move":
+                    e = _Event(i, "move", _pick(rng, list(_DIRS)), float(rng.uniform(0.3, 0.4) * s))
+                elif kind == "size":
+                    e = _Event(i, "shrink" if o.size >= large else "grow")
+                elif kind == "recolour":
+                    # a colour no object has, so "the <colour> <shape>" stays unambiguous
+                    taken = {c.colour for c in cur}
+                    e = _Event(i, "recolour", _pick(rng, [c for c in _COLOURS if c not in taken]))
+                else:
+                    e = _Event(i, "disappear")
+            if events and _symbolic(events[-1]) == _symbolic(e):
+                continue  # "moves right, then moves right" is one longer move, not two events
+            events.append(e)
+            cur[i] = _apply(o, e, 1.0, s)
+        if len(events) < n_ev:
+            continue
+        # an object that starts absent and never appears would be invisible: make it a static one
+        touched = {e.obj for e in events}
+        objs = [o if o.present or i in touched else replace(o, present=True) for i, o in enumerate(objs)]
+        if rng.random() < 0.5:  # makes P(scene) == P(reversed scene): twins are in-distribution
+            objs, events = _reverse(objs, events, s)
+        if [_symbolic(e) for e in _reverse(objs, events, s)[1]] == [_symbolic(e) for e in events]:
+            continue  # a palindrome ("grows, then shrinks") looks the same backwards
+        return _place(rng, objs, events, s), events
+
+
+def _place(rng: np.random.Generator, objs: list[_Obj], events: list[_Event], s: int) -> list[_Obj]:
+    """Pick start positions so that every trajectory stays in frame; avoid overlapping paths."""
+    _, large = _sizes(s)
+    boxes_lo_hi = []
+    for i, o in enumerate(objs):
+        ox = [0.0]
+        oy = [0.0]
+        for e in events:
+            if e.obj == i and e.kind == "move":
+                dx, dy = _DIRS[e.arg]
+                ox.append(ox[-1] + dx * e.dist)
+                oy.append(oy[-1] + dy * e.dist)
+        grows = o.size >= large or any(e.obj == i and e.kind == "grow" for e in events)
+        half = (large if grows else o.size) / 2 + 1.0
+        boxes_lo_hi.append((min(ox), max(ox), min(oy), max(oy), half))
+    placed = list(objs)
+    for _ in range(50):
+        rects = []
+        for i, (x0, x1, y0, y1, half) in enumerate(boxes_lo_hi):
+            cx = float(rng.uniform(half - x0, s - half - x1))
+            cy = float(rng.uniform(half - y0, s - half - y1))
+            placed[i] = replace(objs[i], x=cx, y=cy)
+            rects.append((cx + x0 - half, cx + x1 + half, cy + y0 - half, cy + y1 + half))
+        if len(rects) < 2 or not _overlap(rects[0], rects[1]):
+            break
+    return placed
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
+def _sample_static(rng: np.random.Generator, cfg: PocketConfig) -> tuple[list[_Obj], list[tuple[int, int]]]:
+    """1-2 objects on the 3x3 grid (distinct cells); returns objects and their (row, col) cells."""
+    s = cfg.image_size
+    small, large = _sizes(s)
+    n_obj = 2 if rng.random() < cfg.two_object_prob else 1
+    cells = [divmod(int(c), 3) for c in rng.choice(9, size=n_obj, replace=False)]
+    objs = []
+    for row, col in cells:
+        size = float(large if rng.random() < 0.5 else small)
+        jitter = 0.05 * s
+        cx = (col + 0.5) * s / 3 + float(rng.uniform(-jitter, jitter))
+        cy = (row + 0.5) * s / 3 + float(rng.uniform(-jitter, jitter))
+        half = size / 2 + 1.0
+        cx, cy = min(max(cx, half), s - half), min(max(cy, half), s - half)
+        objs.append(_Obj(_pick(rng, _SHAPES), _pick(rng, list(_COLOURS)), size, True, cx, cy))
+    return objs, cells
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarray:
+    """Inside-test at offsets (dx, dy) from the centre for an object of extent ``size`` px."""
+    r = size / 2
+    if shape == "circle":
+        return np.asarray(dx * dx + dy * dy <= r * r)
+    if shape == "square":
+        return np.asarray(np.maximum(np.abs(dx), np.abs(dy)) <= 0.9 * r)
+    if shape == "triangle":  # apex up, base at the bottom
+        return np.asarray((dy <= r) & (np.abs(dx) <= (dy + r) / 2))
+    if shape == "diamond":
+        return np.asarray(np.abs(dx) + np.abs(dy) <= r)
+    if shape == "cross":
+        ax, ay = np.abs(dx), np.abs(dy)
+        t = size / 6
+        return np.asarray(((ax <= t) & (ay <= r)) | ((ay <= t) & (ax <= r)))
+    raise AssertionError(shape)
+
+
+def _render(objs: list[_Obj], bg: int, s: int) -> np.ndarray:
+    """Draw objects over a flat grey background, 2x2 supersampled; returns uint8 [S, S, 3]."""
+    img = np.full((s, s, 3), float(bg), dtype=np.float32)
+    sub = np.array([0.25, 0.75], dtype=np.float32)
+    for o in objs:
+        if not o.present:
+            continue
+        r = o.size / 2 + 1
+        x0, x1 = max(int(np.floor(o.x - r)), 0), min(int(np.ceil(o.x + r)), s)
+        y0, y1 = max(int(np.floor(o.y - r)), 0), min(int(np.ceil(o.y + r)), s)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        xs = (np.arange(x0, x1, dtype=np.float32)[:, None] + sub).ravel() - o.x  # [2W]
+        ys = (np.arange(y0, y1, dtype=np.float32)[:, None] + sub).ravel() - o.y  # [2H]
+        inside = _shape_mask(o.shape, xs[None, :], ys[:, None], o.size)  # [2H, 2W]
+        cover = inside.reshape(y1 - y0, 2, x1 - x0, 2).sum(axis=(1, 3), dtype=np.float32) * 0.25  # -> [H, W]
+        col = np.array(_COLOURS[o.colour], dtype=np.float32)
+        win = img[y0:y1, x0:x1]
+        win += cover[..., None] * (col - win)
+    return np.rint(img).astype(np.uint8)  # blends of values in [0, 255] stay in range
+
+
+def _render_clip(objs: list[_Obj], events: list[_Event], bg: int, cfg: PocketConfig) -> np.ndarray:
+    """uint8 [T, S, S, 3]; event k of n runs over [k/n, (k+1)/n] of a timeline sampled at (t+0.5)/T.
+
+    The sample times are symmetric about 1/2, so the reversed clip is exactly the clip the reversed
+    scene would render.
+    """
+    t_, s, n = cfg.frames, cfg.image_size, max(len(events), 1)
+    out = np.empty((t_, s, s, 3), dtype=np.uint8)
+    for t in range(t_):
+        u = (t + 0.5) / t_
+        cur = list(objs)
+        for k, e in enumerate(events):
+            p = min(max((u - k / n) * n, 0.0), 1.0)
+            cur[e.obj] = _apply(cur[e.obj], e, p, s)
+        out[t] = _render(cur, bg, s)
+    return out
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def _noun(o: _Obj, rng: np.random.Generator, s: int, with_size: bool) -> str:
+    words = []
+    if with_size:
+        words.append(_pick(rng, _SIZE_WORDS[o.size >= _sizes(s)[1]]))
+    words += [_pick(rng, _COLOUR_WORDS[o.colour]), _pick(rng, _SHAPE_WORDS[o.shape])]
+    return " ".join(words)
+
+
+def _event_caption(objs: list[_Obj], events: list[_Event], rng: np.random.Generator, s: int) -> str:
+    starts, _ = _start_states(objs, events, s)
+    if len(events) == 1:
+        template, later_first = _pick(rng, _ONE_EVENT), False
+    else:
+        template, later_first = _TWO_EVENTS[int(rng.integers(len(_TWO_EVENTS)))]
+    order = list(range(len(events)))[::-1] if later_first else list(range(len(events)))
+    mentioned: set[int] = set()
+    clauses: dict[int, str] = {}
+    for k in order:  # surface order decides "a" vs "the"
+        e, o = events[k], starts[k][events[k].obj]
+        noun = _noun(o, rng, s, with_size=rng.random() < 0.3)
+        subject = f"the {noun}" if e.obj in mentioned else f"{_article(noun)} {noun}"
+        mentioned.add(e.obj)
+        if e.kind == "move":
+            verb = _pick(rng, _MOVE_WORDS[e.arg])
+        else:
+            verb = _pick(rng, _EVENT_WORDS[e.kind])
+            if e.kind == "recolour":
+                verb = verb.format(c=_pick(rng, _COLOUR_WORDS[e.arg]), c0=_pick(rng, _COLOUR_WORDS[o.colour]))
+        clauses[k] = f"{subject} {verb}"
+    text = template.format(a=clauses[0], b=clauses.get(1, ""))
+    still = [i for i in range(len(objs)) if i not in {e.obj for e in events}]
+    if still and rng.random() < 0.4:
+        noun = _noun(objs[still[0]], rng, s, with_size=rng.random() < 0.3)
+        text += _pick(rng, _STILL_WORDS).format(o=f"{_article(noun)} {noun}")
+    return text
+
+
+def _static_caption(objs: list[_Obj], cells: list[tuple[int, int]], rng: np.random.Generator, s: int) -> str:
+    phrases = []
+    for o, (row, col) in zip(objs, cells):
+        size = _pick(rng, _SIZE_WORDS[o.size >= _sizes(s)[1]])
+        colour, shape = _pick(rng, _COLOUR_WORDS[o.colour]), _pick(rng, _SHAPE_WORDS[o.shape])
+        pos = _position_phrase(row, col, rng)
+        form = int(rng.integers(4))
+        if form <= 1:
+            phrases.append(f"{_article(size)} {size} {colour} {shape} {pos}")
+        elif form == 2:
+            coloured = _pick(rng, ["coloured", "colored"])
+            phrases.append(f"{_article(size)} {size} {shape} {coloured} {colour} {pos}")
+        else:
+            phrases.append(f"{_article(colour)} {colour} {shape} that is {size}, {pos}")
+    if len(phrases) == 1:
+        return _pick(rng, _STATIC_ONE).format(o=phrases[0])
+    if rng.random() < 0.5:
+        phrases.reverse()
+    return _pick(rng, _STATIC_TWO).format(o1=phrases[0], o2=phrases[1])
+
+
+def _captions(make: Callable[[np.random.Generator], str], seeds: list[list[int]], n: int) -> list[str]:
+    """``n`` distinct captions, the k-th drawn from its own rng (so a twin can share the phrasing)."""
+    out: list[str] = []
+    for k in range(n):
+        rng = np.random.default_rng(seeds[k])
+        for _ in range(20):
+            c = make(rng)
+            if c not in out:
+                break
+        out.append(c)
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_mp4(path: Path, frames: np.ndarray, cfg: PocketConfig) -> None:
+    """h264 yuv420p, every frame an IDR frame with a constant quantiser (see the module docstring)."""
+    import av  # imported here: the generator is the only part of this module that needs it
+
+    # written in place: an interrupted run leaves no pocket_world.json, so the folder counts as incomplete
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(
+            "libx264", rate=cfg.fps, options={"qp": str(cfg.qp), "g": "1", "preset": "veryfast"}
+        )
+        stream.width = stream.height = cfg.image_size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1  # deterministic bytes, no thread start-up per tiny file
+        for t, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            vf.pts = t
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode(None))
+
+
+def _scene_json(objs: list[_Obj], events: list[_Event]) -> dict[str, Any]:
+    def obj(o: _Obj) -> dict[str, Any]:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(o).items()}
+
+    return {
+        "objects": [obj(o) for o in objs],
+        "events": [{"object": e.obj, "kind": e.kind, "arg": e.arg} for e in events],
+    }
+
+
+def _clip_task(args: tuple[PocketConfig, str, Split, int]) -> list[tuple[ManifestEntry, dict[str, Any]]]:
+    """Generate clip ``index`` of ``split`` (and its reversed twin); returns manifest + event records."""
+    cfg, root, split, index = args
+    sid, s = _SPLIT_IDS[split], cfg.image_size
+    rng = np.random.default_rng([cfg.seed, sid, index, 0])
+    bg = int(rng.integers(0, 48))
+    vid = f"{split}_{index:05d}"
+    folder = Path(root) / "videos" / split
+    n_caps = cfg.train_captions if split == "train" else cfg.eval_captions
+    seeds = [[cfg.seed, sid, index, 1, k] for k in range(n_caps)]
+    out = []
+    if split == "probe":
+        objs, cells = _sample_static(rng, cfg)
+        frames = np.repeat(_render(objs, bg, s)[None], cfg.frames, axis=0)  # [S,S,3] -> [T,S,S,3]
+        caps = _captions(lambda r: _static_caption(objs, cells, r, s), seeds, n_caps)
+        rec = _scene_json(objs, [])
+    else:
+        objs, events = _sample_scene(rng, cfg)
+        frames = _render_clip(objs, events, bg, cfg)
+        caps = _captions(lambda r: _event_caption(objs, events, r, s), seeds, n_caps)
+        rec = _scene_json(objs, events)
+    _write_mp4(folder / f"{vid}.mp4", frames, cfg)
+    out.append((ManifestEntry(vid, f"videos/{split}/{vid}.mp4", tuple(caps)), {"video_id": vid, **rec}))
+    if split == "test" and _has_twin(cfg, index):
+        r_objs, r_events = _reverse(objs, events, s)
+        r_caps = _captions(lambda r: _event_caption(r_objs, r_events, r, s), seeds, n_caps)  # same phrasing
+        rid = f"{vid}_rev"
+        _write_mp4(folder / f"{rid}.mp4", frames[::-1], cfg)  # the very same frames, backwards
+        rec = {"video_id": rid, "reversed_of": vid, **_scene_json(r_objs, r_events)}
+        out.append((ManifestEntry(rid, f"videos/{split}/{rid}.mp4", tuple(r_caps)), rec))
+    return out
+
+
+def _has_twin(cfg: PocketConfig, index: int) -> bool:
+    """Spread the twins evenly over the test clips (exactly cfg.reversed_twins() of them)."""
+    f = cfg.test_reversed_fraction
+    return int(np.floor((index + 1) * f + 1e-9)) > int(np.floor(index * f + 1e-9))
+
+
+def _pretrain_task(args: tuple[PocketConfig, str, int, int]) -> list[dict[str, Any]]:
+    """Render pretraining images [lo, hi) straight into the shared .npy; returns their records."""
+    cfg, npy, lo, hi = args
+    s = cfg.image_size
+    buf = np.empty((hi - lo, s, s, 3), dtype=np.uint8)
+    recs = []
+    for i in range(lo, hi):
+        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS["pretrain"], i])
+        bg = int(rng.integers(0, 48))
+        objs, cells = _sample_static(rng, cfg)
+        buf[i - lo] = _render(objs, bg, s)
+        caption = _static_caption(objs, cells, rng, s)
+        sizes = ["large" if o.size >= _sizes(s)[1] else "small" for o in objs]
+        objects = [
+            {"shape": o.shape, "colour": o.colour, "size": z, "position": f"{_ROWS[r]} {_COLS[c]}"}
+            for o, z, (r, c) in zip(objs, sizes, cells)
+        ]
+        recs.append({"image": i, "caption": caption, "objects": objects})
+    arr = np.load(npy, mmap_mode="r+")
+    arr[lo:hi] = buf
+    arr.flush()
+    del arr
+    return recs
+
+
+def _map(fn: Callable[[Any], Any], tasks: list[Any], workers: int) -> Iterator[Any]:
+    """Ordered map, in-process or over a process pool (results are the same either way)."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(fn, tasks)
+        return
+    # fork: workers need no re-import (torch may be loaded by the caller); spawn elsewhere
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(fn, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _report(root: Path, cfg: PocketConfig, counts: dict[str, int], seconds: float, reused: bool) -> PocketReport:
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    manifests = {s: root / _FILES[s] for s in ("train", "val", "test", "probe")}
+    images, pretrain, pairs = (root / _FILES[k] for k in ("pretrain_images", "pretrain_manifest", "test_pairs"))
+    return PocketReport(root, cfg, counts, manifests, images, pretrain, pairs, size, seconds, reused)
+
+
+def _existing(root: Path) -> dict[str, Any] | None:
+    p = root / _INFO
+    if not p.is_file():
+        return None
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def generate_pocket_world(
+    out_dir: str | os.PathLike[str],
+    config: PocketConfig | None = None,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> PocketReport:
+    """Write the pocket world to ``out_dir`` (see the module docstring for the layout).
+
+    Idempotent: when ``out_dir`` already holds a complete world for the same config and generator
+    version, nothing is regenerated (``report.reused``). A complete world for a DIFFERENT config is
+    refused unless ``overwrite``; an incomplete one (interrupted run) is regenerated.
+
+    Args:
+        out_dir: folder to write (created if needed).
+        config: what to generate; ``PocketConfig()`` (the default size) when None.
+        workers: processes to use; None = the usable CPUs, at most 8. Does not change the output.
+        overwrite: replace a complete world made with another config.
+        progress: optional callback ``(stage, done, total)``, e.g. to drive a progress bar.
+    """
+    cfg = config or PocketConfig()
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise VidretError(f"{root} exists and is not a folder; pass a folder path for the pocket world")
+    info = _existing(root)
+    if info is not None:
+        same = info.get("version") == GENERATOR_VERSION and info.get("config") == cfg.to_dict()
+        if same and all((root / f).is_file() for f in _FILES.values()):
+            logger.info("pocket world in %s is complete for this config; reusing it", root)
+            return _report(root, cfg, dict(info.get("counts", {})), 0.0, reused=True)
+        if not overwrite and not same:
+            raise VidretError(
+                f"{root} holds a pocket world made with another config or generator version; "
+                "choose another --out folder or pass overwrite=True (--overwrite) to replace it"
+            )
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / _INFO).unlink(missing_ok=True)  # until it is rewritten, the folder is incomplete
+    n_workers = min(8, _cpus()) if workers is None else max(1, int(workers))
+    counts: dict[str, int] = {}
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    # (a) image-caption pretraining set: workers render into one memory-mapped array
+    s, n = cfg.image_size, cfg.pretrain_images
+    npy_tmp = root / (_FILES["pretrain_images"] + ".tmp")
+    arr = np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+    del arr
+    chunk = 500
+    tasks = [(cfg, str(npy_tmp), lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    jsonl_tmp = root / (_FILES["pretrain_manifest"] + ".tmp")
+    with jsonl_tmp.open("w", encoding="utf-8") as f:
+        done = 0
+        for recs in _map(_pretrain_task, tasks, n_workers):
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            done += len(recs)
+            tick("pretrain", done, n)
+    os.replace(npy_tmp, root / _FILES["pretrain_images"])
+    os.replace(jsonl_tmp, root / _FILES["pretrain_manifest"])
+    counts["pretrain_images"] = n
+
+    # (b) video splits, streamed: each clip is written by a worker, its manifest line by us, in order
+    pairs: list[dict[str, str]] = []
+    for split in ("train", "val", "test", "probe"):
+        counts[split], counts[f"captions_{split}"] = _write_split(root, cfg, split, n_workers, pairs, tick)
+    counts["reversal_pairs"] = len(pairs)
+    pairs_doc = {
+        "manifest": _FILES["test"],
+        "note": "each pair is one test clip and the same frames in reverse order; each video's caption "
+        "describes its own order, so a model should rank a caption's video above its twin",
+        "pairs": pairs,
+    }
+    _write_json(root / _FILES["test_pairs"], pairs_doc)
+
+    import av
+
+    video = {"codec": "h264", "pix_fmt": "yuv420p", "intra_only": True, "qp": cfg.qp, "fps": cfg.fps}
+    video.update(frames=cfg.frames, size=[cfg.image_size, cfg.image_size], pyav=av.__version__)
+    info = {"generator": "vidret.data.pocket", "version": GENERATOR_VERSION, "seed": cfg.seed}
+    info.update(config=cfg.to_dict(), counts=counts, files=_FILES, video=video)
+    _write_json(root / _INFO, info)  # LAST: its presence marks the world complete
+    seconds = time.perf_counter() - t0
+    logger.info("pocket world written to %s in %.1f s: %s", root, seconds, counts)
+    return _report(root, cfg, counts, seconds, reused=False)
+
+
+def _write_split(
+    root: Path, cfg: PocketConfig, split: Split, workers: int, pairs: list[dict[str, str]], tick: ProgressFn
+) -> tuple[int, int]:
+    """Write one split's videos, manifest and events file; returns (videos, captions)."""
+    (root / "videos" / split).mkdir(parents=True, exist_ok=True)
+    total = cfg.split_clips(split)
+    tasks = [(cfg, str(root), split, i) for i in range(total)]
+    n_caps = 0
+    ev_tmp = root / (_FILES[f"{split}_events"] + ".tmp")
+    with ev_tmp.open("w", encoding="utf-8") as ev:
+
+        def entries() -> Iterator[ManifestEntry]:
+            nonlocal n_caps
+            for i, items in enumerate(_map(_clip_task, tasks, workers)):
+                for entry, rec in items:
+                    ev.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    if "reversed_of" in rec:
+                        pairs.append({"forward": rec["reversed_of"], "reversed": rec["video_id"]})
+                    n_caps += len(entry.captions)
+                    yield entry
+                tick(split, i + 1, total)
+
+        n_videos = write_manifest(root / _FILES[split], entries())
+    os.replace(ev_tmp, root / _FILES[f"{split}_events"])
+    return n_videos, n_caps
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _require_world(root: Path) -> dict[str, Any]:
+    info = _existing(root)
+    if info is None:
+        raise VidretError(
+            f"no complete pocket world in {root}; generate one with `vidret pocket generate --out {root}`"
+        )
+    return info
+
+
+def load_pretrain_set(out_dir: str | os.PathLike[str]) -> PretrainSet:
+    """The pretraining images (uint8 ``[N, H, W, 3]``, memory-mapped, read-only) and their captions."""
+    root = Path(out_dir)
+    files = _require_world(root).get("files", {})
+    images = np.load(root / files.get("pretrain_images", "pretrain_images.npy"), mmap_mode="r")
+    captions: list[str] = []
+    with (root / files.get("pretrain_manifest", "pretrain.jsonl")).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                captions.append(json.loads(line)["caption"])
+    if images.ndim != 4 or images.shape[0] != len(captions):
+        raise VidretError(
+            f"{root}: {images.shape[0]} pretraining images but {len(captions)} captions; "
+            "regenerate with `vidret pocket generate --overwrite`"
+        )
+    return PretrainSet(images, captions)
+
+
+def load_reversal_pairs(out_dir: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """Test-split (forward_video_id, reversed_video_id) pairs: the time-only hard negatives."""
+    root = Path(out_dir)
+    files = _require_world(root).get("files", {})
+    doc = json.loads((root / files.get("test_pairs", "test_pairs.json")).read_text(encoding="utf-8"))
+    return [(p["forward"], p["reversed"]) for p in doc["pairs"]]
+
+
+def load_pocket_info(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The world's ``pocket_world.json`` (config, counts, files); VidretError if incomplete."""
+    return _require_world(Path(out_dir))
