@@ -25,6 +25,7 @@ from vidret.data.dataset import EvalVideoDataset, collate
 from vidret.data.decode import BadVideoReport
 from vidret.data.manifest import ManifestEntry, read_manifest
 from vidret.data.sampling import SamplingConfig
+from vidret.errors import VidretError
 from vidret.eval import metrics as M
 from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel
@@ -152,6 +153,18 @@ def pair_accuracy(
     return {"pair_accuracy": 100.0 * wins / total if total else float("nan"), "pair_queries": total}
 
 
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Hard-negative pairs file: ``{"pairs": [{"forward": id, "reversed": id}, ...]}`` (pocket ``test_pairs.json``)."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+        return [(str(x["forward"]), str(x["reversed"])) for x in doc["pairs"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise VidretError(
+            f"{p}: not a pairs file ({e}); expected {{'pairs': [{{'forward': id, 'reversed': id}}]}}"
+        ) from e
+
+
 def evaluate_model(
     model: VideoTextModel,
     manifest: str | Path,
@@ -197,9 +210,8 @@ def evaluate_model(
         dsl_t2v = metrics_for(M.dual_softmax(sim), owner_t, protocol)["t2v"]
         dsl_v2t = metrics_for(M.dual_softmax(sim.t()).t(), owner_t, protocol)["v2t"]
         result["postprocessed"] = {"dsl": {"t2v": dsl_t2v, "v2t": dsl_v2t}}
-    if pairs_file is not None and Path(pairs_file).is_file():
-        pairs = [tuple(p) for p in json.loads(Path(pairs_file).read_text())["pairs"]]
-        result["reversal"] = pair_accuracy(sim, owner, entries_kept, pairs)  # type: ignore[arg-type]
+    if pairs_file is not None:
+        result["reversal"] = pair_accuracy(sim, owner, entries_kept, read_pairs(pairs_file))
     if extra:
         result.update(extra)
     return result

@@ -148,6 +148,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise VidretError(f"config key {key!r} must be true or false, got {value!r}")
         return value
     if hint in (int, float):
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept any plain number spelling.
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                raise VidretError(f"config key {key!r} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise VidretError(f"config key {key!r} must be a number, got {value!r}")
         if hint is int and float(value) != int(value):
