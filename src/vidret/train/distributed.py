@@ -86,3 +86,14 @@ def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def check_in_sync(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Raise if the ranks' trainable weights have drifted apart (they must be bitwise equal under DDP)."""
+    if not info.enabled:
+        return
+    local = torch.stack([p.detach().double().sum() for p in params]) if params else torch.zeros(1, dtype=torch.float64)
+    parts = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(parts, local)
+    if any(not torch.equal(parts[0], p) for p in parts[1:]):
+        raise RuntimeError("DDP ranks are out of sync: their trainable weights differ")

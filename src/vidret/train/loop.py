@@ -385,6 +385,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         del it, loader
     if bar is not None:
         bar.close()
+    D.check_in_sync(params, info)
     train_seconds = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
 
