@@ -249,6 +249,10 @@ class MethodSpec:
     reference: str = ""
     # True when adapters of this method can share one backbone with others (False for full fine-tuning).
     shareable: bool = True
+    # What the model computes at initialisation (checked by the contract tests): "identity" = exactly the frozen
+    # backbone (zero-initialised up-projections), "near_identity" = within a stated bound, "changes" = no bound
+    # (e.g. prompt tokens change attention from the start).
+    init_behaviour: Literal["identity", "near_identity", "changes"] = "identity"
 
     def make_config(self, preset: str | None = None, **overrides: Any) -> AdapterConfig:
         """Config from a preset name plus keyword overrides (unknown keys are a clear error)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -80,7 +80,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         raise VidretError(f"{meta_path}: unsupported adapter format version {meta.get('format_version')!r}")
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise VidretError(f"{weights_path} could not be read ({e}); the adapter file is damaged") from e
     return meta, tensors
 
