@@ -51,6 +51,8 @@ class VideoTextModel(nn.Module):
         self.preset = preset
         self.head = make_head(config.head, clip.config.embed_dim)
         self.backbone_fingerprint = backbone_fingerprint or fingerprint(backbone_state_dict(clip))
+        # NOTE: building another adapter on the same backbone re-freezes everything but the new one;
+        # call mark_trainable() on the model you are about to train.
 
     @property
     def method(self) -> str:
@@ -165,7 +167,8 @@ def build_model(
         config = spec.make_config(preset, **overrides)
     elif config.method != method:
         raise VidretError(f"config is for method {config.method!r}, not {method!r}")
-    fp = fingerprint(backbone_state_dict(clip))
+    # A meta-device backbone (parameter counting without memory) has no values to fingerprint.
+    fp = "meta" if next(clip.parameters()).is_meta else fingerprint(backbone_state_dict(clip))
     inject(clip, config, adapter_name)
     model = VideoTextModel(clip, config, adapter_name, preset, backbone_fingerprint=fp)
     model.mark_trainable()
