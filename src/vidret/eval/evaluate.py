@@ -134,14 +134,18 @@ def metrics_for(sim: Tensor, owner: Tensor, protocol: str) -> dict[str, dict[str
 
 
 def pair_accuracy(
-    sim: Tensor, owner: list[int], entries: list[ManifestEntry], pairs: list[tuple[str, str]]
+    sim: Tensor, owner: list[int], entries: list[ManifestEntry], pairs: list[tuple[str, str]], tie_tol: float = 1e-3
 ) -> dict[str, float]:
-    """Time-reversal hard negatives: share of captions whose own video outscores its reversed twin."""
+    """Time-reversal hard negatives: how often a caption's own video outscores its reversed twin.
+
+    A win counts 1, a tie (logits within ``tie_tol``, e.g. an order-blind model seeing the same frames in another
+    order, up to float rounding) counts 1/2, so chance and order-blindness both give 50%.
+    """
     index = {e.video_id: i for i, e in enumerate(entries)}
     caps_of: dict[int, list[int]] = {}
     for q, v in enumerate(owner):
         caps_of.setdefault(v, []).append(q)
-    wins = total = 0
+    wins = ties = total = 0
     for a, b in pairs:
         if a not in index or b not in index:
             continue
@@ -149,8 +153,18 @@ def pair_accuracy(
         for own, other in ((ia, ib), (ib, ia)):
             for q in caps_of.get(own, []):
                 total += 1
-                wins += int(sim[q, own] > sim[q, other])
-    return {"pair_accuracy": 100.0 * wins / total if total else float("nan"), "pair_queries": total}
+                margin = float(sim[q, own] - sim[q, other])
+                if abs(margin) <= tie_tol:
+                    ties += 1
+                elif margin > 0:
+                    wins += 1
+    if not total:
+        return {"pair_accuracy": float("nan"), "pair_ties": float("nan"), "pair_queries": 0}
+    return {
+        "pair_accuracy": 100.0 * (wins + 0.5 * ties) / total,
+        "pair_ties": 100.0 * ties / total,
+        "pair_queries": total,
+    }
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
