@@ -174,3 +174,13 @@ def test_backbone_spec_random_is_seeded() -> None:
 
     a, b = load_backbone_for("random:pocket-tiny"), create_backbone("pocket-tiny", seed=0)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_plot_run_draws_curves(tiny_world: Path, tmp_path: Path) -> None:
+    from vidret.train.plot import plot_run
+
+    train(config_from_dict(cfg_dict(tiny_world, tmp_path / "run", epochs=1)), progress=False)
+    png = plot_run(tmp_path / "run")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(VidretError, match="metrics.jsonl"):
+        plot_run(tmp_path)
