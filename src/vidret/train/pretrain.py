@@ -7,6 +7,7 @@ checkpoints come in, and is read back by the normal loader (``vidret.load_backbo
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -56,7 +57,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         raise VidretError(
             f"pocket images are {data.images.shape[1]} px but {cfg.config} expects {arch.vision.image_size} px"
         )
-    n = len(data.captions)
+    n_all = len(data.captions)
+    n_holdout = min(512, n_all // 10)  # the last images: never trained on, for a zero-shot check at the end
+    n = n_all - n_holdout
     if n < cfg.batch:
         raise VidretError(f"the pretraining set has {n} images, fewer than one batch ({cfg.batch})")
     tokens = tokenize(data.captions, context_length=cfg.max_words)  # [N, L], tokenised once
@@ -120,10 +123,42 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         time.perf_counter() - t0,
         float(loss.item()),
     )
+    holdout = _holdout_recall(model, images[n:], tokens[n:]) if n_holdout else {}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(to_openai(sd), tmp)
     os.replace(tmp, out)
+    summary = {
+        "config": cfg.__dict__,
+        "final_loss": float(loss.item()),
+        "seconds": time.perf_counter() - t0,
+        "holdout_images": n_holdout,
+        "holdout": holdout,
+    }
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    log.info(
+        "held-out image->caption R@1 %.1f, caption->image R@1 %.1f (%d pairs)",
+        holdout.get("i2t_R1", float("nan")),
+        holdout.get("t2i_R1", float("nan")),
+        n_holdout,
+    )
     return out
+
+
+@torch.no_grad()
+def _holdout_recall(model: torch.nn.Module, images: np.ndarray, tokens: torch.Tensor) -> dict[str, float]:
+    """Image<->caption R@1 on images never trained on (captions may repeat across images: ties are optimistic)."""
+    from vidret.eval.metrics import retrieval_metrics
+
+    model.eval()
+    img = torch.cat(
+        [
+            F.normalize(model.encode_image(normalize(torch.from_numpy(images[i : i + 256]))), dim=-1)
+            for i in range(0, len(images), 256)
+        ]
+    )
+    txt = torch.cat([F.normalize(model.encode_text(tokens[i : i + 256]), dim=-1) for i in range(0, len(tokens), 256)])
+    sim = img @ txt.t()
+    return {"i2t_R1": retrieval_metrics(sim)["R1"], "t2i_R1": retrieval_metrics(sim.t())["R1"]}
