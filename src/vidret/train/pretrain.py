@@ -155,7 +155,7 @@ def _holdout_recall(model: torch.nn.Module, images: np.ndarray, tokens: torch.Te
     model.eval()
     img = torch.cat(
         [
-            F.normalize(model.encode_image(normalize(torch.from_numpy(images[i : i + 256]))), dim=-1)
+            F.normalize(model.encode_image(normalize(torch.from_numpy(np.array(images[i : i + 256])))), dim=-1)
             for i in range(0, len(images), 256)
         ]
     )
