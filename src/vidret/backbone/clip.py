@@ -45,9 +45,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         _check_tower(self.width, self.heads, self.layers, "vision")
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def grid(self) -> int:
@@ -141,6 +139,8 @@ class ForwardContext:
     causal: bool = False  # text tower: causal self-attention
     attn_mask: Tensor | None = None  # optional SDPA mask broadcastable to [B, H, L, L]
     eot_index: Tensor | None = None  # text tower: [B] position pooled at the end (prompt methods shift it)
+    # end-token positions before any prompt shift: a checkpointed re-run of a block must not shift twice
+    source_eot_index: Tensor | None = None
 
     @property
     def num_videos(self) -> int:
@@ -268,9 +268,7 @@ class VisionTransformer(nn.Module):
         cls_pos, patch_pos = pos[:1], pos[1:]
         # [g*g, D] -> [1, D, g, g]
         patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(
-            patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-        )
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         # [1, D, h, w] -> [h*w, D]
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pos.dtype)
         return torch.cat([cls_pos, patch_pos], dim=0)
@@ -332,9 +330,7 @@ class TextTransformer(nn.Module):
         """[N, L] ids -> [N, L, D] token + positional embeddings (positional embedding sliced to L)."""
         L = tokens.shape[1]
         if self.cfg.context_length < L:
-            raise VidretError(
-                f"text of {L} tokens is longer than the model's context length {self.cfg.context_length}"
-            )
+            raise VidretError(f"text of {L} tokens is longer than the model's context length {self.cfg.context_length}")
         return self.token_embedding(tokens) + self.positional_embedding[:L]
 
     def forward_tokens(self, tokens: Tensor, ctx: ForwardContext) -> Tensor:
