@@ -20,10 +20,4 @@ _METHOD_MODULES = (
 )
 
 for _name in _METHOD_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as e:  # TEMPORARY while methods are being written
-        if e.name != _name:
-            raise
-        continue
-    register(_module.SPEC)
+    register(importlib.import_module(_name).SPEC)
