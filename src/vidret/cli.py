@@ -403,14 +403,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_BENCHES = {"decode": "vidret.bench.decode", "train": "vidret.bench.train", "encode": "vidret.bench.encode",
+            "search": "vidret.bench.search"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in _BENCHES:
+        # benchmarks own their options (and --help): hand them everything after the name
+        import importlib
+
+        rest = argv[2:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        try:
+            return int(importlib.import_module(_BENCHES[argv[1]]).main(rest) or 0)
+        except VidretError as e:
+            print(f"vidret: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     handler = getattr(args, "handler", None)
     if handler is None:
         # a group without its subcommand: show that group's help
-        parser.parse_args([*(argv or sys.argv[1:]), "--help"])
+        parser.parse_args([*argv, "--help"])
         return 2
     try:
         return int(handler(args) or 0)

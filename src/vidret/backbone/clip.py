@@ -159,10 +159,33 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(orig)
 
 
+class _QuickGELUFunction(torch.autograd.Function):
+    """``x * sigmoid(1.702 x)`` that keeps only ``x`` for backward and recomputes the sigmoid there.
+
+    Autograd's own graph of the expression keeps both ``x`` and ``sigmoid(1.702 x)``; in the MLP that is two
+    tensors of the block's widest shape [N, L, 4D] and the largest share of what a frozen backbone stores for
+    backward (measured in benchmarks/efficiency.md). The backward runs the same ops as autograd's graph
+    (MulBackward, SigmoidBackward, the 1.702 factor), so values and gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * s + torch.ops.aten.sigmoid_backward(grad * x, s) * 1.702
+
+
 class QuickGELU(nn.Module):
     """CLIP's activation: x * sigmoid(1.702 x)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuickGELUFunction.apply(x)
         return x * torch.sigmoid(1.702 * x)
 
 

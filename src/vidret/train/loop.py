@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vidret.adapters.io import adapter_state_dict, load_trainable_state, save_adapter
@@ -39,7 +40,6 @@ from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel, build_model
 from vidret.train import distributed as D
 from vidret.train.config import TrainConfig, save_config
-from vidret.train.loss import symmetric_infonce
 from vidret.train.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,23 @@ def contrastive_step(
     valid_all = D.all_gather_with_grad(valid, info)
     logits = model.similarity(text_all, VideoFeatures(frames_all, mask_all))  # [N, N]
     # Undecodable videos stay in the batch (so every rank gathers equal shapes) but leave the loss.
-    logits = logits[valid_all][:, valid_all]
-    return symmetric_infonce(logits)
+    return valid_symmetric_infonce(logits, valid_all)
+
+
+def valid_symmetric_infonce(logits: Tensor, valid: Tensor) -> Tensor:
+    """``symmetric_infonce(logits[valid][:, valid])`` without boolean indexing.
+
+    Boolean indexing (forward ``index`` and its backward ``index_put``) sizes its output from the data, so on a
+    GPU each of the four calls waits for the device; masking keeps the step free of host-device syncs. Invalid
+    pairs leave both softmaxes (their logits are -inf) and both means (their rows are ignored); with every pair
+    valid this is exactly ``symmetric_infonce(logits)``.
+    """
+    n = logits.shape[0]
+    target = torch.arange(n, device=logits.device).masked_fill(~valid, -100)  # -100: F.cross_entropy's ignore
+    lg = logits.float()
+    t2v = F.cross_entropy(lg.masked_fill(~valid[None, :], float("-inf")), target, ignore_index=-100)
+    v2t = F.cross_entropy(lg.t().masked_fill(~valid[None, :], float("-inf")), target, ignore_index=-100)
+    return 0.5 * (t2v + v2t)
 
 
 @dataclass
