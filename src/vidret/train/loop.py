@@ -418,6 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             model,
             out_dir / "adapter",
             extra={
+                "backbone_source": cfg.backbone,
                 "train": {
                     "steps": step,
                     "seed": cfg.seed,
