@@ -32,7 +32,7 @@ POCKET_METHODS: dict[str, dict[str, Any]] = {
     "frozen": {},
     "full": {"lr": 1e-4},
     "mv_adapter": {"lr": 1e-3, "backbone_lr": 1e-4, "options": {"r": 32, "cmt_layers": [2, 3], "num_frames": 8}},
-    "cross_modal": {"lr": 1e-3, "options": {"r": 16, "d_s": 16}},
+    "cross_modal": {"lr": 1e-3, "options": {"r": 16, "share_dim": 16}},
     "lora": {"lr": 1e-3, "options": {"r": 8}},
     "bottleneck": {"lr": 1e-3, "options": {"r": 32}},
 }
@@ -47,10 +47,10 @@ class DemoConfig:
     seed: int = 0
     methods: tuple[str, ...] = tuple(POCKET_METHODS)
     backbone_config: str = "pocket-small"
-    pretrain_steps: int = 500
-    train_epochs: int = 6
+    pretrain_steps: int = 400
+    train_epochs: int = 3
     global_batch: int = 32
-    num_workers: int = 2
+    num_workers: int = 0  # frames come from the frame cache: reading them in-process beats worker start-up
     extra: dict[str, Any] = field(default_factory=dict)
 
     def scaled(self) -> DemoConfig:

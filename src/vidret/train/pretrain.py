@@ -38,7 +38,7 @@ class PretrainConfig:
     config: str = "pocket-small"  # backbone architecture
     steps: int = 400  # optimiser steps
     batch: int = 128  # image-caption pairs per step
-    lr: float = 2e-3  # AdamW peak lr
+    lr: float = 1e-3  # AdamW peak lr (5e-3 stalls: held-out R@1 0.4% after 200 steps vs 34% at 1e-3)
     weight_decay: float = 0.1
     warmup_ratio: float = 0.05
     max_words: int = 32  # caption tokens (the positional embedding keeps CLIP's 77 rows)
