@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["exact", "faiss"], default=None, help="override the indexes' backend")
     s.add_argument("--nprobe", type=int, default=None, help="FAISS lists probed per query")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: one per core)")
     return p
 
 

@@ -93,9 +93,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     pocket_cfg = PocketConfig.from_size("tiny" if cfg.quick else "default", seed=cfg.seed)
     t0 = time.perf_counter()
     world = generate_pocket_world(world_dir, pocket_cfg)
-    print(
-        f"[1/4] pocket world: {world_dir} ({'reused' if world.reused else f'generated in {time.perf_counter() - t0:.1f}s'})"
-    )
+    how = "reused" if world.reused else f"generated in {time.perf_counter() - t0:.1f}s"
+    print(f"[1/4] pocket world: {world_dir} ({how})")
 
     # 2. the backbone
     ckpt = out / f"{cfg.backbone_config}-pocket.pt"
