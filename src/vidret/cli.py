@@ -404,8 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_BENCHES = {"decode": "vidret.bench.decode", "train": "vidret.bench.train", "encode": "vidret.bench.encode",
-            "search": "vidret.bench.search"}
+_BENCHES = {
+    "decode": "vidret.bench.decode",
+    "train": "vidret.bench.train",
+    "encode": "vidret.bench.encode",
+    "search": "vidret.bench.search",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

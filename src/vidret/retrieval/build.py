@@ -1,0 +1,438 @@
+"""Building and updating an index from a folder of videos or a manifest, and encoding query videos.
+
+Every video is encoded once through the frame cache (``<index>/cache`` by default). Bad videos are skipped
+and reported, never fatal unless more than ``max_bad_fraction`` of the collection is bad. ``update=True``
+compares each file's content identity (``vidret.data.cache.file_identity``) with the one recorded: unchanged
+videos keep their vectors, changed ones are re-encoded, new ones added, vanished ones removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vidret.data.cache import FrameCache, file_identity
+from vidret.data.dataset import EvalVideoDataset, collate
+from vidret.data.decode import BadVideoError, BadVideoReport, PyAVDecoder
+from vidret.data.manifest import ManifestEntry, read_manifest
+from vidret.data.sampling import SamplingConfig
+from vidret.errors import VidretError
+from vidret.heads import VideoFeatures
+from vidret.retrieval.index import (
+    INDEX_FILE,
+    IndexSettings,
+    VideoIndex,
+    VideoRecord,
+    check_identity,
+    mean_pool,
+    model_identity,
+)
+
+logger = logging.getLogger(__name__)
+
+# Container extensions picked up when indexing a folder (case-insensitive).
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".flv", ".wmv", ".3gp", ".ogv"}
+)
+REPORT_FILE = "build_report.json"
+
+
+@dataclass
+class IndexReport:
+    """What ``build_index`` did."""
+
+    path: str = ""  # the index folder
+    total: int = 0  # videos in the source (folder scan or manifest)
+    indexed: int = 0  # rows in the index now
+    added: int = 0  # encoded for the first time
+    updated: int = 0  # re-encoded because the file changed
+    kept: int = 0  # reused from the previous index (update)
+    removed: int = 0  # dropped because they left the source (update)
+    bad: BadVideoReport = field(default_factory=BadVideoReport)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "bad"}
+        d["bad"] = self.bad.to_dict()
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"{self.indexed} videos indexed in {self.path} ({self.added} added, {self.updated} re-encoded, "
+            f"{self.kept} kept, {self.removed} removed, {self.bad.num_bad} bad skipped) in {self.seconds:.1f} s"
+        )
+
+
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def collect_videos(folder: str | os.PathLike[str]) -> tuple[list[ManifestEntry], list[tuple[str, str, str]]]:
+    """A manifest made on the fly from a folder of videos (recursive).
+
+    ``video_id`` is the path relative to the folder without its extension (``a/b/clip.mp4`` -> ``a/b/clip``;
+    a clash such as ``clip.mp4`` + ``clip.webm`` keeps the extension on the later one). Hidden files and
+    folders are skipped; symlinked folders are not followed; a symlinked file is kept only if it resolves
+    inside the folder.
+
+    Returns:
+        (entries with absolute paths, skipped as (video_id, path, reason)).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise VidretError(f"videos folder not found: {root}")
+    root = root.absolute()
+    real_root = os.path.realpath(root)
+    entries: list[ManifestEntry] = []
+    skipped: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith(".") or p.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            rel = p.relative_to(root)
+            vid = rel.with_suffix("").as_posix()
+            if vid in seen:
+                vid = rel.as_posix()
+            if not _within(os.path.realpath(p), real_root):
+                skipped.append((vid, str(p), "symlink pointing outside the videos folder"))
+                continue
+            seen.add(vid)
+            entries.append(ManifestEntry(video_id=vid, path=str(p)))
+    return entries, skipped
+
+
+def _entries_from(source: str | os.PathLike[str] | Sequence[ManifestEntry]) -> tuple[list[ManifestEntry], list]:
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_dir():
+            return collect_videos(p)
+        if p.is_file():
+            entries = read_manifest(p)
+            return [ManifestEntry(e.video_id, os.path.abspath(e.path), e.captions, e.start, e.end) for e in entries], []
+        raise VidretError(f"{p} is neither a folder of videos nor a manifest file")
+    entries = list(source)
+    ids = [e.video_id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise VidretError("video ids must be unique")
+    return [ManifestEntry(e.video_id, os.path.abspath(e.path), e.captions, e.start, e.end) for e in entries], []
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _is_text_conditioned(model: Any) -> bool:
+    e = model.clip.config.embed_dim
+    device = _model_device(model)
+    probe = VideoFeatures(torch.ones(1, 1, e, device=device), torch.ones(1, 1, dtype=torch.bool, device=device))
+    return model.pool_video(probe) is None
+
+
+def build_index(
+    model: Any,
+    source: str | os.PathLike[str] | Sequence[ManifestEntry],
+    out: str | os.PathLike[str],
+    *,
+    settings: IndexSettings | None = None,
+    backbone_spec: str = "",
+    adapter_path: str = "",
+    update: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    max_bad_fraction: float = 0.25,
+    progress: bool = False,
+) -> IndexReport:
+    """Encode a collection into the index folder ``out``.
+
+    Args:
+        model: a VideoTextModel in eval mode (its device is used).
+        source: a folder of videos (searched recursively), a JSONL manifest, or manifest entries.
+        out: the index folder; it must not hold an index unless ``update``.
+        settings: frame sampling and storage; default: the backbone's image size, 12 frames, float16, exact;
+            with ``update`` the existing index's settings (sampling settings must not change).
+        backbone_spec: how ``vidret search``/``serve`` load the backbone again (name, path, "random:<cfg>").
+        adapter_path: the adapter folder ``model`` came from (recorded so the index can be searched).
+        update: refresh an existing index: add new, re-encode changed, remove vanished videos.
+        cache_dir: frame cache folder (default ``out/cache``).
+        batch_size: videos per forward pass.
+        num_workers: DataLoader worker processes decoding videos.
+        max_bad_fraction: stop with VidretError when more than this share of the videos is bad.
+        progress: show a progress bar.
+
+    Returns:
+        IndexReport (bad videos listed in ``report.bad``).
+    """
+    t0 = time.perf_counter()
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise VidretError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    out = Path(out)
+    ident = model_identity(model, backbone_spec, os.path.abspath(adapter_path) if adapter_path else "")
+    image_size = model.clip.config.vision.image_size
+    old: VideoIndex | None = None
+    if (out / INDEX_FILE).exists():
+        if not update:
+            raise VidretError(f"{out} already holds an index; pass --update to refresh it, or choose another --out")
+        old = VideoIndex.load(out, backend="exact")
+        check_identity(old.identity, ident, f"the index in {out}")
+        if settings is None:
+            settings = old.settings
+        enc = ("num_frames", "fps", "max_candidates", "image_size", "max_words")
+        changed = [f for f in enc if getattr(settings, f) != getattr(old.settings, f)]
+        if changed:
+            raise VidretError(
+                f"the index in {out} was built with "
+                + ", ".join(f"{f}={getattr(old.settings, f)}" for f in changed)
+                + "; pass the same settings to --update, or build a new index"
+            )
+    settings = settings or IndexSettings(image_size=image_size)
+    if settings.image_size != image_size:
+        raise VidretError(f"image_size {settings.image_size} does not match the backbone's input size {image_size}")
+
+    entries, skipped = _entries_from(source)
+    report = IndexReport(path=str(out), total=len(entries) + len(skipped))
+    report.bad = BadVideoReport(total=report.total)
+    for vid, path, reason in skipped:
+        report.bad.add(vid, path, reason)
+    if report.total == 0:
+        exts = ", ".join(sorted(VIDEO_EXTENSIONS))
+        raise VidretError(f"no videos found in {source} (looked for {exts})")
+
+    text_conditioned = _is_text_conditioned(model)
+    if old is not None and (old.kind == "frames") != text_conditioned:
+        raise VidretError(f"the index in {out} is of kind {old.kind!r}, which this model cannot extend; rebuild it")
+
+    # Which videos need encoding; identities read once here.
+    records: dict[str, VideoRecord] = {}
+    todo: list[ManifestEntry] = []
+    kept_rows: dict[str, int] = {}
+    decoder = PyAVDecoder()
+    for e in entries:
+        try:
+            identity = file_identity(e.path)
+        except BadVideoError as err:
+            report.bad.add(e.video_id, e.path, err.reason)
+            continue
+        prev = old.record(e.video_id) if old is not None else None
+        if (
+            prev is not None
+            and prev.identity == identity
+            and prev.path == e.path
+            and (prev.start, prev.end) == (e.start, e.end)
+        ):
+            assert old is not None
+            old_row = old.row_of(e.video_id)
+            assert old_row is not None
+            kept_rows[e.video_id] = old_row
+            records[e.video_id] = VideoRecord(
+                prev.video_id, prev.path, prev.real_path, prev.duration, prev.identity, prev.start, prev.end, e.captions
+            )
+            continue
+        try:
+            duration = decoder.probe(e.path).duration
+        except BadVideoError as err:
+            report.bad.add(e.video_id, e.path, err.reason)
+            continue
+        records[e.video_id] = VideoRecord(
+            e.video_id, e.path, os.path.realpath(e.path), duration, identity, e.start, e.end, e.captions
+        )
+        todo.append(e)
+    if old is not None:
+        report.removed = sum(1 for r in old.records if r.video_id not in records)
+    report.kept = len(kept_rows)
+
+    new_feats = _encode_entries(
+        model, todo, settings, cache_dir or out / "cache", batch_size, num_workers, report, progress
+    )
+    report.bad.check(max_bad_fraction)
+
+    # Assemble rows in source order: kept rows from the old index, new rows from this run.
+    order = [
+        e.video_id for e in entries if e.video_id in records and (e.video_id in kept_rows or e.video_id in new_feats)
+    ]
+    if not order:
+        raise VidretError(f"none of the {report.total} videos could be indexed; see the bad videos listed above")
+    final = [records[v] for v in order]
+    report.added = sum(1 for v in order if v in new_feats and (old is None or old.record(v) is None))
+    report.updated = sum(1 for v in order if v in new_feats and old is not None and old.record(v) is not None)
+
+    def features_of(vid: str) -> tuple[Tensor, Tensor | None]:
+        if vid in new_feats:
+            return new_feats[vid]
+        assert old is not None
+        r = kept_rows[vid]
+        if old.kind == "pooled":
+            assert old.vectors is not None
+            return old.vectors[r], None
+        assert old.frames is not None and old.masks is not None
+        return old.frames[r], old.masks[r]
+
+    rows = [features_of(v) for v in order]
+    if text_conditioned:
+        if settings.backend == "faiss":
+            logger.warning("text-conditioned head (no single vector per video): exact search, --backend faiss ignored")
+        index = VideoIndex(
+            final,
+            ident,
+            settings,
+            frames=torch.stack([r[0] for r in rows]),
+            masks=torch.stack([r[1] for r in rows if r[1] is not None]),
+            backend_name="exact",
+        )
+    else:
+        index = VideoIndex(
+            final, ident, settings, vectors=torch.stack([r[0] for r in rows]), backend_name=settings.backend
+        )
+    index.save(out)
+    report.indexed = len(index)
+    report.seconds = time.perf_counter() - t0
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+@torch.no_grad()
+def _encode_entries(
+    model: Any,
+    entries: list[ManifestEntry],
+    settings: IndexSettings,
+    cache_dir: str | os.PathLike[str],
+    batch_size: int,
+    num_workers: int,
+    report: IndexReport,
+    progress: bool = False,
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """video_id -> (pooled [E], None) or (frames [T, E], mask [T]) for the entries that decode."""
+    if not entries:
+        return {}
+    from tqdm.auto import tqdm
+
+    sampling = SamplingConfig(
+        num_frames=settings.num_frames, fps=settings.fps, mode="eval", max_candidates=settings.max_candidates
+    )
+    cache = FrameCache(cache_dir, sampling, settings.image_size)
+    ds = EvalVideoDataset(entries, sampling, cache=cache, image_size=settings.image_size)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers
+    )
+    device = _model_device(model)
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
+    for batch in tqdm(loader, disable=not (progress and report_progress()), desc="index", unit="batch"):
+        report.bad.update(batch)
+        if batch["frames"].shape[0] == 0:
+            continue
+        v = model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device))
+        pooled = model.pool_video(v)
+        for j, vid in enumerate(batch["video_ids"]):
+            if pooled is not None:
+                out[vid] = (pooled[j].float().cpu(), None)
+            else:
+                out[vid] = (v.frames[j].float().cpu(), v.mask[j].cpu())
+    return out
+
+
+def report_progress() -> bool:
+    """Progress bars only on an interactive terminal (never in tests or logs)."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
+# ------------------------------------------------------------------------------------------ queries
+
+
+@torch.no_grad()
+def encode_video_file(model: Any, path: str | os.PathLike[str], settings: IndexSettings) -> VideoFeatures:
+    """Per-frame features [1, T, E] of one video file, sampled as the index's videos were."""
+    sampling = SamplingConfig(
+        num_frames=settings.num_frames, fps=settings.fps, mode="eval", max_candidates=settings.max_candidates
+    )
+    ds = EvalVideoDataset([ManifestEntry("query", os.fspath(path))], sampling, image_size=settings.image_size)
+    batch = collate([ds[0]])
+    if batch["frames"].shape[0] == 0:
+        _, p, reason = batch["bad_reasons"][0]
+        raise BadVideoError(p, reason)
+    device = _model_device(model)
+    return model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device))
+
+
+def video_query_vector(model: Any, path: str | os.PathLike[str], settings: IndexSettings) -> Tensor:
+    """A normalised [1, E] query vector for video-to-video search (meanP for text-conditioned heads)."""
+    v = encode_video_file(model, path, settings)
+    pooled = model.pool_video(v)
+    return (pooled if pooled is not None else mean_pool(v.frames, v.mask)).float().cpu()
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_backbone_spec(spec: str) -> Any:
+    """A CLIP backbone from a spec: ``random:<config>`` (seed 0; tests, benchmarks), a name or a checkpoint path."""
+    from vidret.backbone.clip import create_backbone
+    from vidret.backbone.pretrained import load_backbone
+
+    if spec.startswith("random:"):
+        return create_backbone(spec[len("random:") :], seed=0).eval()
+    return load_backbone(spec)
+
+
+def backbone_spec_for(spec: str) -> str:
+    """The spec to record in an index: paths made absolute so the index works from any folder."""
+    if spec.startswith("random:") or not os.path.exists(spec):
+        return spec
+    return os.path.abspath(spec)
+
+
+def resolve_backbone(backbone: str | None, adapter_meta: dict[str, Any], recorded: str = "") -> str:
+    """The backbone spec to use: explicit, else recorded in the index, else the adapter's ``backbone_source``."""
+    spec = backbone or recorded or adapter_meta.get("extra", {}).get("backbone_source") or ""
+    if not spec:
+        name = adapter_meta.get("backbone", {}).get("name", "?")
+        raise VidretError(f"which backbone? pass --backbone NAME|PATH (the adapter was trained on a {name!r} backbone)")
+    return str(spec)
+
+
+def open_model_for_index(
+    index: VideoIndex, backbone: str | None = None, adapter: str | None = None, device: str = "cpu"
+) -> Any:
+    """Rebuild the model an index was built with (recorded adapter folder + backbone spec, or overrides)."""
+    from vidret.adapters.io import load_adapter, read_adapter
+
+    adapter_path = adapter or index.identity.adapter_path
+    if not adapter_path:
+        raise VidretError("this index does not record its adapter folder; pass --adapter DIR")
+    if not Path(adapter_path).is_dir():
+        raise VidretError(f"adapter folder {adapter_path} (recorded in the index) is gone; pass --adapter DIR")
+    meta, _ = read_adapter(adapter_path)
+    spec = resolve_backbone(backbone, meta, index.identity.backbone_spec)
+    clip = load_backbone_spec(spec)
+    model = load_adapter(clip, adapter_path)
+    model.eval().to(device)
+    index.check_model(model, adapter_path=str(Path(adapter_path).absolute()))
+    return model
+
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "IndexReport",
+    "backbone_spec_for",
+    "build_index",
+    "collect_videos",
+    "encode_video_file",
+    "load_backbone_spec",
+    "open_model_for_index",
+    "resolve_backbone",
+    "video_query_vector",
+]

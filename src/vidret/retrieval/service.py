@@ -1,0 +1,769 @@
+"""The HTTP search service: JSON API, media routes and the web page, over several indexes and ONE backbone.
+
+Routes (OpenAPI schema at ``/openapi.json``, a self-contained reference page at ``/docs``)::
+
+    GET  /search?q=TEXT&k=10&index=NAME     text -> videos
+    POST /search {"query": TEXT, "k": 10, "index": NAME}
+    GET  /videos/{index}/{video_id}          the video file (HTTP range requests supported)
+    GET  /thumbnails/{index}/{video_id}?n=4  a JPEG strip of n frames
+    GET  /indexes, /health, /                the collections, liveness, the web page
+
+Input rules (every violation is a 4xx with a JSON body ``{"error": ..., "detail": ...}``, never a 500):
+queries must be non-empty valid UTF-8 of at most 1000 characters; ``k`` must be an integer in [1, 1000] (422
+otherwise) and is clamped to the index size; unknown indexes or ids are 404; request bodies over 64 KiB are
+413. Media routes serve only files recorded in the index, looked up by id (user input is never joined into a
+path), and only while the file still resolves to the path recorded at indexing time with the same size and
+mtime (a file replaced by a symlink, or changed, is refused with 409).
+
+Several indexes, possibly built with different adapters, share one backbone in memory through
+:class:`vidret.model.AdapterBank`; all must have been built on the same backbone weights. Concurrent queries
+are batched: one worker thread takes every query waiting, encodes their texts in one forward pass per
+adapter and searches each index once per batch.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations of create_app at runtime,
+# and they name classes imported inside it (fastapi stays an optional dependency).
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import math
+import mimetypes
+import os
+import queue
+import re
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidret.errors import VidretError
+from vidret.retrieval.index import VideoIndex, VideoRecord
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 1000  # longer queries are refused (CLIP reads at most 77 tokens anyway)
+MAX_K = 1000  # larger k is refused; k above the index size is clamped to it
+MAX_BODY_BYTES = 64 * 1024  # larger request bodies are refused with 413
+MAX_THUMB_FRAMES = 8  # frames per thumbnail strip
+THUMB_SIZE = 96  # side of each square thumbnail frame, pixels
+SEARCH_TIMEOUT_S = 60.0
+INDEX_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+WEB_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "docs.html": "text/html",
+    "docs.js": "text/javascript",
+}
+
+
+class ApiError(Exception):
+    """A client error with an HTTP status and a message for the JSON body."""
+
+    def __init__(self, status: int, detail: str, error: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.error = error or {404: "not_found", 409: "conflict", 413: "too_large", 422: "invalid_request"}.get(
+            status, "bad_request"
+        )
+
+
+def validate_query(text: Any) -> str:
+    """The query text to encode, or ApiError 422 (empty, too long, not a string, not valid UTF-8)."""
+    if not isinstance(text, str):
+        raise ApiError(422, "query must be a string")
+    try:
+        text.encode("utf-8")  # lone surrogates (from JSON \\ud800 escapes) are not text
+    except UnicodeEncodeError:
+        raise ApiError(422, "query is not valid UTF-8 text") from None
+    if len(text) > MAX_QUERY_CHARS:
+        raise ApiError(422, f"query is longer than {MAX_QUERY_CHARS} characters ({len(text)})")
+    stripped = text.strip()
+    if not stripped:
+        raise ApiError(422, "query is empty")
+    return stripped
+
+
+def validate_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ApiError(422, f"k must be an integer from 1 to {MAX_K}")
+    return k
+
+
+# ------------------------------------------------------------------------------------------ collections
+
+
+@dataclass
+class Collection:
+    """One served index and the name of its adapter in the bank."""
+
+    name: str  # URL-safe name (``/videos/{name}/...``)
+    index: VideoIndex
+    adapter: str  # adapter name in the AdapterBank
+    folder: str = ""  # the index folder ("" for in-memory indexes)
+
+    def info(self) -> dict[str, Any]:
+        ident = self.index.identity
+        backend = self.index.backend_name
+        d: dict[str, Any] = {
+            "name": self.name,
+            "videos": len(self.index),
+            "kind": self.index.kind,
+            "backend": backend,
+            "method": ident.adapter_method,
+            "adapter_fingerprint": ident.adapter_fingerprint,
+            "backbone": ident.backbone_name,
+            "num_frames": self.index.settings.num_frames,
+        }
+        if backend == "faiss":
+            d["nprobe"] = self.index.settings.nprobe
+        return d
+
+
+@dataclass
+class _Job:
+    collection: Collection
+    text: str
+    k: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class QueryBatcher:
+    """One worker thread that runs every query waiting as one batch (``run(batch)`` resolves the futures)."""
+
+    def __init__(self, run: Callable[[list[_Job]], None], max_batch: int = 64) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0  # informational: batches run so far
+        self.jobs = 0
+
+    def submit(self, job: _Job) -> concurrent.futures.Future:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="vidret-search", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            try:
+                self._run(live)
+            except BaseException as e:  # noqa: BLE001 - delivered to the waiting requests
+                for j in live:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+            self.batches += 1
+            self.jobs += len(live)
+            if stop:
+                return
+
+
+class SearchService:
+    """Collections over one AdapterBank, a query batcher and a thumbnail cache.
+
+    Args:
+        bank: the AdapterBank holding every collection's adapter over one backbone.
+        collections: the served collections; the first is the default of ``/search``.
+        max_batch: most queries encoded and searched together.
+    """
+
+    def __init__(self, bank: Any, collections: Sequence[Collection], max_batch: int = 64) -> None:
+        if not collections:
+            raise VidretError("serve at least one index")
+        self.bank = bank
+        self.collections: dict[str, Collection] = {}
+        for c in collections:
+            if not INDEX_NAME_RE.match(c.name):
+                raise VidretError(f"index name {c.name!r} must match {INDEX_NAME_RE.pattern} (letters, digits, ._-)")
+            if c.name in self.collections:
+                raise VidretError(f"two indexes are named {c.name!r}; name them with NAME=PATH")
+            if c.adapter not in bank.names():
+                raise VidretError(f"collection {c.name!r} uses adapter {c.adapter!r}, which the bank does not hold")
+            self.collections[c.name] = c
+        self.default = collections[0].name
+        self.batcher = QueryBatcher(self._run_batch, max_batch)
+        self.thumbnails = ThumbnailCache()
+        self.started = time.time()
+
+    def collection(self, name: str | None) -> Collection:
+        if name is None or name == "":
+            return self.collections[self.default]
+        if not isinstance(name, str) or name not in self.collections:
+            raise ApiError(404, f"unknown index; served: {', '.join(sorted(self.collections))}")
+        return self.collections[name]
+
+    # -------------------------------------------------------------------------------------- search
+
+    def submit(self, collection: Collection, text: str, k: int) -> concurrent.futures.Future:
+        """Queue a text query; the future yields [(row, score), ...] best first."""
+        return self.batcher.submit(_Job(collection, text, k))
+
+    def search(self, text: str, k: int = 10, index: str | None = None) -> list[dict[str, Any]]:
+        """Blocking text search (validated like the HTTP API); returns result dicts."""
+        c = self.collection(index)
+        hits = self.submit(c, validate_query(text), validate_k(k)).result(timeout=SEARCH_TIMEOUT_S)
+        return self.results(c, hits)
+
+    @torch.no_grad()
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        from vidret.backbone.tokenizer import tokenize
+
+        groups: dict[str, list[_Job]] = {}
+        for j in jobs:
+            groups.setdefault(j.collection.name, []).append(j)
+        for group in groups.values():
+            try:
+                c = group[0].collection
+                tokens = tokenize([j.text for j in group], context_length=c.index.settings.max_words, truncate=True)
+                with self.bank.lock:
+                    model = self.bank.use(c.adapter)
+                    device = next(model.parameters()).device
+                    text = model.encode_text(tokens.to(device))
+                    if c.index.kind == "frames":  # the head runs per query: keep the adapter active
+                        scores, rows = c.index.search_text(model, text, max(j.k for j in group))
+                if c.index.kind == "pooled":
+                    scores, rows = c.index.search_text(None, text, max(j.k for j in group))
+            except Exception as e:  # noqa: BLE001 - one bad group must not fail the others
+                for j in group:
+                    j.future.set_exception(e)
+                continue
+            s, r = scores.tolist(), rows.tolist()
+            for qi, j in enumerate(group):
+                j.future.set_result([(row, sc) for row, sc in zip(r[qi][: j.k], s[qi][: j.k]) if row >= 0])
+
+    def results(self, c: Collection, hits: list[tuple[int, float]]) -> list[dict[str, Any]]:
+        out = []
+        for rank, (row, score) in enumerate(hits, start=1):
+            rec = c.index.records[row]
+            quoted = urllib.parse.quote(rec.video_id, safe="")
+            item: dict[str, Any] = {
+                "rank": rank,
+                "video_id": rec.video_id,
+                "score": round(float(score), 6) if math.isfinite(score) else None,
+                "duration": rec.duration,
+            }
+            if rec.path:
+                item["video_url"] = f"/videos/{c.name}/{quoted}"
+                item["thumbnail_url"] = f"/thumbnails/{c.name}/{quoted}"
+            if rec.captions:
+                item["captions"] = list(rec.captions[:3])
+            out.append(item)
+        return out
+
+    # -------------------------------------------------------------------------------------- media
+
+    def media_file(self, index: str, video_id: str) -> tuple[VideoRecord, str]:
+        """The recorded file of a video, after checking it is still the file that was indexed."""
+        c = self.collection(index)
+        rec = c.index.record(video_id)
+        if rec is None:
+            raise ApiError(404, "unknown video id")
+        if not rec.path or not rec.real_path:
+            raise ApiError(404, "this video has no file")
+        real = rec.real_path
+        try:
+            now_real = os.path.realpath(real)
+            st = os.stat(real)
+        except OSError:
+            raise ApiError(404, "the video file is gone; run `vidret index --update`") from None
+        if now_real != real or not os.path.isfile(real):
+            raise ApiError(409, "the video file changed since indexing; run `vidret index --update`")
+        size_mtime = rec.identity.split(":")[:2]
+        if rec.identity and size_mtime != [str(st.st_size), str(st.st_mtime_ns)]:
+            raise ApiError(409, "the video file changed since indexing; run `vidret index --update`")
+        return rec, real
+
+    def warm_up(self) -> None:
+        """Run one query per collection so the first real query does not pay for loading the tokenizer."""
+        for c in self.collections.values():
+            self.submit(c, "warm up", 1).result(timeout=SEARCH_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+# ------------------------------------------------------------------------------------------ thumbnails
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 4) -> bytes:
+    """uint8 [H, W, 3] RGB -> JPEG bytes, with FFmpeg's mjpeg encoder (no imaging library needed)."""
+    import av
+
+    h, w = rgb.shape[:2]
+    h2, w2 = h - h % 2, w - w % 2  # 4:2:0 chroma needs even sides
+    rgb = np.ascontiguousarray(rgb[:h2, :w2])
+    ctx = av.CodecContext.create("mjpeg", "w")
+    ctx.width, ctx.height = w2, h2
+    ctx.pix_fmt = "yuvj420p"
+    ctx.time_base = Fraction(1, 25)
+    ctx.options = {"qmin": str(quality), "qmax": str(quality)}
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+    packets = list(ctx.encode(frame)) + list(ctx.encode(None))
+    return b"".join(bytes(p) for p in packets)
+
+
+def thumbnail_strip(rec: VideoRecord, path: str, n: int, size: int = THUMB_SIZE) -> bytes:
+    """A JPEG of ``n`` frames side by side, taken at the centres of n equal parts of the video (or segment)."""
+    from vidret.data.decode import PyAVDecoder
+    from vidret.data.sampling import segment_bounds
+    from vidret.data.transforms import resize_crop
+
+    def plan(info: Any) -> list[float]:
+        s, e = segment_bounds(info.duration, rec.start, rec.end)
+        return [s + (e - s) * (i + 0.5) / n for i in range(n)]
+
+    _, frames = PyAVDecoder().probe_and_decode(path, plan, frame_fn=lambda f: resize_crop(f, size))
+    frames[:, :, -2:] = 24  # a dark 2-pixel gap between neighbouring frames
+    strip = np.concatenate(list(frames), axis=1)  # [n, S, S, 3] -> [S, n*S, 3]
+    return encode_jpeg(strip[:, :-2])
+
+
+class ThumbnailCache:
+    """Thumbnail strips by (index, id, n), least recently used out; at most two decodes at a time."""
+
+    def __init__(self, capacity: int = 512) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str, int], bytes | str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._decoders = threading.Semaphore(2)
+
+    def get(self, key: tuple[str, str, int], make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+        if hit is None:
+            with self._decoders:
+                try:
+                    hit = make()
+                except (VidretError, ValueError) as e:
+                    hit = f"no thumbnail: {getattr(e, 'reason', None) or e}"
+            with self._lock:
+                self._items[key] = hit
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+        if isinstance(hit, str):
+            raise ApiError(404, hit)
+        return hit
+
+
+# ------------------------------------------------------------------------------------------ ASGI pieces
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Strict JSON (ASCII-escaped: lone surrogates can never break encoding; NaN refused)."""
+    return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+async def _send_json(send: Send, status: int, obj: Any) -> None:
+    body = json_bytes(obj)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413 before the app reads them (declared or streamed)."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = {"error": "too_large", "detail": f"request body over {self.max_bytes} bytes"}
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_json(send, 400, {"error": "bad_request", "detail": "invalid Content-Length"})
+                    return
+                if declared > self.max_bytes:
+                    await _send_json(send, 413, too_large)
+                    return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # client went away
+            body = msg.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                await _send_json(send, 413, too_large)
+                return
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notifications
+
+        await self.app(scope, replay, send)
+
+
+def strict_query_params(scope: Scope) -> dict[str, str]:
+    """Query parameters decoded strictly as UTF-8 (Starlette silently replaces invalid bytes)."""
+    raw: bytes = scope.get("query_string", b"")
+    try:
+        pairs = urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(422, "the query string is not valid UTF-8") from None
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        out.setdefault(k, v)
+    return out
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of torch and FAISS (one OpenMP pool each); process-wide, so only entry points call it."""
+    torch.set_num_threads(n)
+    with contextlib.suppress(ImportError):
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+
+
+def web_file(name: str) -> bytes:
+    """A file of the bundled web page (only the fixed names in WEB_FILES)."""
+    return resources.files("vidret.retrieval").joinpath("web", name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+def create_app(service: SearchService) -> Any:
+    """The FastAPI application serving ``service``."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    class JSONResponse(Response):
+        media_type = "application/json"
+
+        def render(self, content: Any) -> bytes:
+            return json_bytes(content)
+
+    class SearchBody(BaseModel):
+        """A text query."""
+
+        model_config = ConfigDict(extra="forbid")
+        query: str = Field(..., description=f"the sentence to search for (1 to {MAX_QUERY_CHARS} characters)")
+        k: int = Field(10, description=f"results wanted, 1 to {MAX_K}; clamped to the index size")
+        index: str | None = Field(None, description="collection name (default: the first served)")
+
+    class SearchHit(BaseModel):
+        rank: int
+        video_id: str
+        score: float | None = Field(None, description="cosine similarity (text-conditioned heads: logit / scale)")
+        duration: float | None = None
+        video_url: str | None = None
+        thumbnail_url: str | None = None
+        captions: list[str] | None = None
+
+    class SearchResponse(BaseModel):
+        query: str
+        index: str
+        k: int = Field(..., description="results returned at most: min(k asked, index size)")
+        took_ms: float
+        results: list[SearchHit]
+
+    class ErrorBody(BaseModel):
+        error: str
+        detail: Any
+
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": text}
+        for code, text in ((404, "unknown index or id"), (413, "body over 64 KiB"), (422, "invalid input"))
+    }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="vidret search",
+        version="1",
+        description="Text-to-video search over indexes built with `vidret index`.",
+        docs_url=None,  # the stock docs page loads its assets from a CDN; /docs is served locally below
+        redoc_url=None,
+        default_response_class=JSONResponse,
+    )
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(VidretError)
+    async def vidret_error(request: Request, exc: VidretError) -> Response:
+        return JSONResponse({"error": "invalid_request", "detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        # Only where and what: the offending input is not echoed (it may be huge, NaN or not text).
+        detail = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()[:20]
+        ]
+        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        name = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "bad_request")
+        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        return JSONResponse({"error": name, "detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        logger.exception("internal error on %s", request.url.path)
+        return JSONResponse({"error": "internal", "detail": "internal server error"}, status_code=500)
+
+    async def run_search(text: Any, k: Any, index: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        c = service.collection(index)
+        query = validate_query(text)
+        k = validate_k(k)
+        fut = service.submit(c, query, k)
+        try:
+            hits = await asyncio.wait_for(asyncio.wrap_future(fut), SEARCH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(503, "search timed out", "unavailable") from None
+        return {
+            "query": query,
+            "index": c.name,
+            "k": min(k, len(c.index)),
+            "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "results": service.results(c, hits),
+        }
+
+    @app.get("/search", response_model=SearchResponse, response_model_exclude_none=True, responses=errors)
+    async def search_get(
+        request: Request,
+        q: str = Query(..., description=f"the sentence to search for (1 to {MAX_QUERY_CHARS} characters)"),
+        k: int = Query(10, description=f"results wanted, 1 to {MAX_K}; clamped to the index size"),
+        index: str | None = Query(None, description="collection name (default: the first served)"),
+    ) -> Any:
+        """Search a collection by sentence."""
+        params = strict_query_params(request.scope)  # FastAPI replaced invalid UTF-8; re-read strictly
+        return await run_search(params.get("q", q), k, index)
+
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True, responses=errors)
+    async def search_post(body: SearchBody) -> Any:
+        """Search a collection by sentence (JSON body)."""
+        return await run_search(body.query, body.k, body.index)
+
+    @app.get("/indexes")
+    async def indexes() -> Any:
+        """The served collections (name, size, method, backend)."""
+        return {"default": service.default, "indexes": [c.info() for c in service.collections.values()]}
+
+    @app.get("/health")
+    async def health() -> Any:
+        """Liveness: the backbone and how many videos are served."""
+        return {
+            "status": "ok",
+            "backbone": service.bank.clip.name,
+            "backbone_fingerprint": service.bank.fingerprint,
+            "indexes": len(service.collections),
+            "videos": sum(len(c.index) for c in service.collections.values()),
+            "uptime_s": round(time.time() - service.started, 1),
+        }
+
+    @app.get("/videos/{index}/{video_id:path}", responses=errors, response_class=FileResponse)
+    def video(index: str, video_id: str) -> Any:
+        """The video file of an indexed video (range requests supported)."""
+        rec, path = service.media_file(index, video_id)
+        media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if not media_type.startswith("video/"):
+            media_type = "application/octet-stream"
+        return FileResponse(path, media_type=media_type)
+
+    @app.get("/thumbnails/{index}/{video_id:path}", responses=errors, response_class=Response)
+    def thumbnail(
+        index: str,
+        video_id: str,
+        n: int = Query(1, description=f"frames in the strip, 1 to {MAX_THUMB_FRAMES}"),
+    ) -> Any:
+        """A JPEG strip of ``n`` frames evenly spread over the video."""
+        if not 1 <= n <= MAX_THUMB_FRAMES:
+            raise ApiError(422, f"n must be an integer from 1 to {MAX_THUMB_FRAMES}")
+        rec, path = service.media_file(index, video_id)
+        data = service.thumbnails.get((index, rec.video_id, n), lambda: thumbnail_strip(rec, path, n))
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    csp = (
+        "default-src 'self'; img-src 'self'; media-src 'self'; script-src 'self'; style-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'"
+    )
+
+    def page(name: str) -> Response:
+        return Response(
+            web_file(name),
+            media_type=WEB_FILES[name],
+            headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"},
+        )
+
+    @app.get("/", include_in_schema=False)
+    def home() -> Any:
+        return page("index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Any:
+        return page("docs.html")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    def asset(name: str) -> Any:
+        if name not in WEB_FILES:
+            raise ApiError(404, "no such file")
+        return page(name)
+
+    return BodyLimitMiddleware(app)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def parse_index_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """``[NAME=]PATH`` arguments -> (name, folder); the default name is the folder's name."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        out.append((name, Path(path)))
+    names = [n for n, _ in out]
+    for n in names:
+        if not INDEX_NAME_RE.match(n):
+            raise VidretError(f"index name {n!r} must match {INDEX_NAME_RE.pattern}; name it with NAME=PATH")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise VidretError(f"several indexes are named {dup}; name them with NAME=PATH")
+    return out
+
+
+def open_service(
+    specs: Sequence[str],
+    backbone: str | None = None,
+    device: str = "cpu",
+    backend: str | None = None,
+    nprobe: int | None = None,
+) -> SearchService:
+    """Load indexes and their adapters over ONE backbone (refusing indexes built on different backbones)."""
+    from vidret.adapters.base import backbone_state_dict
+    from vidret.adapters.io import read_adapter
+    from vidret.backbone.clip import fingerprint
+    from vidret.model import AdapterBank
+    from vidret.retrieval.build import load_backbone_spec, resolve_backbone
+
+    named = parse_index_specs(specs)
+    loaded = [(n, p, VideoIndex.load(p, backend=backend, nprobe=nprobe)) for n, p in named]  # type: ignore[arg-type]
+    fps = {idx.identity.backbone_fingerprint for _, _, idx in loaded}
+    if len(fps) > 1:
+        listing = "; ".join(f"{n}: {idx.identity.describe_backbone()}" for n, _, idx in loaded)
+        raise VidretError(f"these indexes were built on different backbones and cannot share one: {listing}")
+    first = loaded[0][2].identity
+    if not first.adapter_path or not Path(first.adapter_path).is_dir():
+        raise VidretError(f"index {loaded[0][0]}: its adapter folder {first.adapter_path!r} is gone")
+    spec = resolve_backbone(backbone, read_adapter(first.adapter_path)[0], first.backbone_spec)
+    clip = load_backbone_spec(spec)
+    have = fingerprint(backbone_state_dict(clip))
+    if have != first.backbone_fingerprint:
+        raise VidretError(
+            f"the indexes were built with backbone {first.describe_backbone()}, but {spec!r} is {clip.name!r} "
+            f"(fingerprint {have}); pass --backbone with the backbone they were built with"
+        )
+    clip.to(device)
+    bank = AdapterBank(clip)
+    by_path: dict[str, str] = {}
+    collections = []
+    for name, folder, idx in loaded:
+        ap = idx.identity.adapter_path
+        if not ap or not Path(ap).is_dir():
+            raise VidretError(f"index {name}: its adapter folder {ap!r} is gone; rebuild the index")
+        key = os.path.realpath(ap)
+        if key not in by_path:
+            bank.load(ap, name)
+            by_path[key] = name
+        adapter = by_path[key]
+        with bank.lock:
+            idx.check_model(bank.use(adapter), where=f"index {name} ({folder})", adapter_path=ap)
+        collections.append(Collection(name, idx, adapter, str(folder)))
+    service = SearchService(bank, collections)
+    service.warm_up()
+    return service
+
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_K",
+    "MAX_QUERY_CHARS",
+    "ApiError",
+    "BodyLimitMiddleware",
+    "Collection",
+    "QueryBatcher",
+    "SearchService",
+    "create_app",
+    "encode_jpeg",
+    "open_service",
+    "parse_index_specs",
+    "set_threads",
+    "thumbnail_strip",
+    "validate_query",
+]
