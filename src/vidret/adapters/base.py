@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from vidret.backbone.clip import CLIP, ForwardContext, LayerNorm
+from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, LayerNorm
 from vidret.errors import VidretError
 
 HeadName = Literal["meanP", "text_conditioned", "seq_transformer"]
@@ -49,9 +49,7 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise VidretError(
-                f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {sorted(names)}"
-            )
+            raise VidretError(f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {sorted(names)}")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in d:
@@ -210,6 +208,25 @@ def bias_parameters(clip: CLIP) -> list[tuple[str, nn.Parameter]]:
         if isinstance(m, (nn.Linear, nn.LayerNorm, LayerNorm, nn.Conv2d)) and m.bias is not None:
             out.append((names[id(m.bias)], m.bias))
     return out
+
+
+def clip_bias_parameter_count(clip_config: CLIPConfig) -> int:
+    """Number of CLIP bias terms (what :func:`bias_parameters` returns), in closed form."""
+    total = 0
+    for cfg in (clip_config.vision, clip_config.text):
+        # per block: ln_1, q, k, v, out, ln_2, c_proj biases (width each) + c_fc bias (hidden)
+        total += cfg.layers * (7 * cfg.width + int(cfg.width * cfg.mlp_ratio))
+    return total + 2 * clip_config.vision.width + clip_config.text.width  # ln_pre, ln_post, ln_final
+
+
+def target_layers(n_layers: int, layers: tuple[int, ...] | None, tower: str) -> list[int]:
+    """The block indices to adapt in a tower of ``n_layers`` blocks (clear error for indices beyond it)."""
+    if layers is None:
+        return list(range(n_layers))
+    bad = [i for i in layers if i >= n_layers]
+    if bad:
+        raise VidretError(f"layers {bad} do not exist in the {tower} tower ({n_layers} layers); use indices below it")
+    return sorted(layers)
 
 
 def _backbone_modules(module: nn.Module) -> Iterator[nn.Module]:

@@ -45,9 +45,17 @@ from typing import ClassVar, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidret.adapters.base import AdapterConfig, Branch, MethodSpec, attach, bias_parameters, blocks, unwrap
+from vidret.adapters.base import (
+    AdapterConfig,
+    Branch,
+    MethodSpec,
+    attach,
+    bias_parameters,
+    blocks,
+    target_layers,
+    unwrap,
+)
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, ResidualBlock
-from vidret.errors import VidretError
 
 Tower = Literal["visual", "text"]
 Sublayer = Literal["attn", "mlp"]
@@ -168,21 +176,12 @@ def _tower_shape(clip_config: CLIPConfig, tower: Tower) -> tuple[int, int]:
     return cfg.width, cfg.layers
 
 
-def _target_layers(n_layers: int, layers: tuple[int, ...] | None, tower: str) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    bad = [i for i in layers if i >= n_layers]
-    if bad:
-        raise VidretError(f"layers {bad} do not exist in the {tower} tower ({n_layers} layers); use indices below it")
-    return sorted(layers)
-
-
 def bottleneck_parameter_count(config: BottleneckConfig, clip_config: CLIPConfig) -> int:
     """Closed-form trainable parameter count: adapters (``2 D r + r + D`` each) plus CLIP biases if trained."""
     total = 0
     for tower in config.towers:
         width, n_layers = _tower_shape(clip_config, tower)
-        n = len(_target_layers(n_layers, config.layers, tower)) * len(config.sublayers)
+        n = len(target_layers(n_layers, config.layers, tower)) * len(config.sublayers)
         total += n * (2 * width * config.r + config.r + width)
     if config.train_biases:
         for cfg in (clip_config.vision, clip_config.text):
@@ -198,7 +197,7 @@ def inject(clip: CLIP, config: BottleneckConfig, adapter: str) -> list[str]:
     for tower in config.towers:
         width, n_layers = _tower_shape(clip.config, tower)
         tower_blocks = blocks(clip, tower)
-        for i in _target_layers(n_layers, config.layers, tower):
+        for i in target_layers(n_layers, config.layers, tower):
             prefix = f"{tower}.transformer.resblocks.{i}"
             if config.mode == "par" and config.par_input == "residual":
                 attach(

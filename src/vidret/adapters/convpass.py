@@ -53,8 +53,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidret.adapters.base import AdapterConfig, Branch, MethodSpec, attach, bias_parameters, blocks, unwrap
-from vidret.adapters.st_adapter import clip_bias_parameter_count, patch_grid, target_layers
+from vidret.adapters.base import (
+    AdapterConfig,
+    Branch,
+    MethodSpec,
+    attach,
+    bias_parameters,
+    blocks,
+    clip_bias_parameter_count,
+    target_layers,
+    unwrap,
+)
+from vidret.adapters.st_adapter import patch_grid
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, QuickGELU
 
 Tower = Literal["visual", "text"]

@@ -118,9 +118,7 @@ def build_from_adapter_state(
 
     spec = get_method(meta["method"])
     config = spec.config_cls.from_dict(meta["config"])
-    model = build_model(
-        clip, meta["method"], preset=meta.get("preset"), adapter_name=adapter_name, config=config
-    )
+    model = build_model(clip, meta["method"], preset=meta.get("preset"), adapter_name=adapter_name, config=config)
     load_trainable_state(model, tensors, source=source)
     return model
 
@@ -130,9 +128,7 @@ def load_trainable_state(model: Any, tensors: dict[str, Tensor], source: str = "
     params = dict(model.trainable_named_parameters())
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
-    bad_shape = sorted(
-        k for k in set(params) & set(tensors) if tuple(params[k].shape) != tuple(tensors[k].shape)
-    )
+    bad_shape = sorted(k for k in set(params) & set(tensors) if tuple(params[k].shape) != tuple(tensors[k].shape))
     if missing or unexpected or bad_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad_shape)):

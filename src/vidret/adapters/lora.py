@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidret.adapters.base import AdapterConfig, Branch, Hook, MethodSpec, attach, blocks, unwrap
+from vidret.adapters.base import AdapterConfig, Branch, Hook, MethodSpec, attach, blocks, target_layers, unwrap
 from vidret.backbone.clip import CLIP, MLP, Attention, CLIPConfig, ForwardContext
 from vidret.errors import VidretError
 
@@ -152,15 +152,6 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _target_layers(n_layers: int, layers: tuple[int, ...] | None, tower: str) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    bad = [i for i in layers if i >= n_layers]
-    if bad:
-        raise VidretError(f"layers {bad} do not exist in the {tower} tower ({n_layers} layers); use indices below it")
-    return sorted(layers)
-
-
 def lora_parameter_count(config: LoRAConfig, clip_config: CLIPConfig) -> int:
     """Closed-form trainable parameter count: ``r (in + out)`` per targeted Linear."""
     total = 0
@@ -170,7 +161,7 @@ def lora_parameter_count(config: LoRAConfig, clip_config: CLIPConfig) -> int:
         per_layer = sum(config.r * 2 * cfg.width for t in config.targets if t != "mlp")
         if "mlp" in config.targets:
             per_layer += 2 * config.r * (cfg.width + hidden)
-        total += per_layer * len(_target_layers(cfg.layers, config.layers, tower))
+        total += per_layer * len(target_layers(cfg.layers, config.layers, tower))
     return total
 
 
@@ -181,7 +172,7 @@ def inject(clip: CLIP, config: LoRAConfig, adapter: str) -> list[str]:
     for tower in config.towers:
         cfg = clip.config.vision if tower == "visual" else clip.config.text
         tower_blocks = blocks(clip, tower)
-        for i in _target_layers(cfg.layers, config.layers, tower):
+        for i in target_layers(cfg.layers, config.layers, tower):
             block = unwrap(tower_blocks[i])  # another adapter may have hooked the whole block
             prefix = f"{tower}.transformer.resblocks.{i}"
             if attn_names:

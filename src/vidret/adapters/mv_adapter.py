@@ -41,6 +41,7 @@ from vidret.adapters.base import (
     attach,
     bias_parameters,
     blocks,
+    clip_bias_parameter_count,
     get_root,
     shared_ref,
     unwrap,
@@ -457,12 +458,8 @@ def _branch_count(d: int, config: MVAdapterConfig, tie: TieMode, video: bool) ->
     return n
 
 
-def backbone_bias_count(clip_config: CLIPConfig) -> int:
-    """CLIP's bias terms: per block ln_1, q, k, v, out, ln_2, c_proj (7 D) + c_fc; ln_pre/ln_post, ln_final."""
-    v, t = clip_config.vision, clip_config.text
-    per_v = 7 * v.width + int(v.width * v.mlp_ratio)
-    per_t = 7 * t.width + int(t.width * t.mlp_ratio)
-    return v.layers * per_v + 2 * v.width + t.layers * per_t + t.width
+# CLIP's bias terms in closed form (kept under this name for the MV-Adapter share formula).
+backbone_bias_count = clip_bias_parameter_count
 
 
 def mv_adapter_parameter_count(config: MVAdapterConfig, clip_config: CLIPConfig) -> dict[str, int]:

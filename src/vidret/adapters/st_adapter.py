@@ -57,7 +57,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidret.adapters.base import AdapterConfig, Branch, MethodSpec, attach, bias_parameters, blocks
+from vidret.adapters.base import (
+    AdapterConfig,
+    Branch,
+    MethodSpec,
+    attach,
+    bias_parameters,
+    blocks,
+    clip_bias_parameter_count,
+    target_layers,
+)
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, QuickGELU, ResidualBlock
 from vidret.errors import VidretError
 
@@ -249,25 +258,6 @@ class STBlockBranch(Branch):
 def _tower(clip_config: CLIPConfig, tower: Tower) -> tuple[int, int]:
     cfg = clip_config.vision if tower == "visual" else clip_config.text
     return cfg.width, cfg.layers
-
-
-def target_layers(n_layers: int, layers: tuple[int, ...] | None, tower: str) -> list[int]:
-    """The block indices to adapt in a tower of ``n_layers`` blocks (clear error for indices beyond it)."""
-    if layers is None:
-        return list(range(n_layers))
-    bad = [i for i in layers if i >= n_layers]
-    if bad:
-        raise VidretError(f"layers {bad} do not exist in the {tower} tower ({n_layers} layers); use indices below it")
-    return sorted(layers)
-
-
-def clip_bias_parameter_count(clip_config: CLIPConfig) -> int:
-    """Number of CLIP bias terms (what :func:`vidret.adapters.base.bias_parameters` returns), in closed form."""
-    total = 0
-    for cfg in (clip_config.vision, clip_config.text):
-        # per block: ln_1, q, k, v, out, ln_2, c_proj biases (width each) + c_fc bias (hidden)
-        total += cfg.layers * (7 * cfg.width + int(cfg.width * cfg.mlp_ratio))
-    return total + 2 * clip_config.vision.width + clip_config.text.width  # ln_pre, ln_post, ln_final
 
 
 def st_adapter_parameter_count(config: STAdapterConfig, clip_config: CLIPConfig) -> int:
