@@ -85,9 +85,7 @@ class SeqTransformerHead(nn.Module):
         f, mask = video.frames, video.mask
         T = f.shape[1]
         if self.frame_position.num_embeddings < T:
-            raise ValueError(
-                f"seq_transformer head supports at most {self.frame_position.num_embeddings} frames"
-            )
+            raise ValueError(f"seq_transformer head supports at most {self.frame_position.num_embeddings} frames")
         x = f + self.frame_position.weight[:T].to(f.dtype)
         # Padding frames are never attended to: bool SDPA mask [B, 1, 1, T], True = attend.
         ctx = ForwardContext("image", attn_mask=mask[:, None, None, :])

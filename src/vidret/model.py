@@ -86,7 +86,8 @@ class VideoTextModel(nn.Module):
 
     def pool_video(self, video_feats: VideoFeatures) -> Tensor | None:
         """Normalised [B, E] video vectors when the head is text-independent (for an index), else None."""
-        return self.head.pool(video_feats)
+        pool = self.head.pool
+        return pool(video_feats)  # type: ignore[operator]  # every head defines pool()
 
     def forward(self, frames: Tensor, frame_mask: Tensor, tokens: Tensor) -> Tensor:
         return self.similarity(self.encode_text(tokens), self.encode_video(frames, frame_mask))
@@ -131,9 +132,7 @@ def _frozen_prefix_length(tower: nn.Module, tower_blocks: nn.ModuleList) -> int:
     for name, child in tower.named_children():
         if name == "transformer":
             continue
-        if name in ("conv1", "ln_pre", "token_embedding") and any(
-            p.requires_grad for p in child.parameters()
-        ):
+        if name in ("conv1", "ln_pre", "token_embedding") and any(p.requires_grad for p in child.parameters()):
             return 0
     for name, p in tower.named_parameters(recurse=False):
         if name in ("class_embedding", "positional_embedding") and p.requires_grad:
@@ -202,9 +201,7 @@ class AdapterBank:
         self.lock = threading.RLock()
         self.fingerprint = fingerprint(backbone_state_dict(clip))
 
-    def add(
-        self, name: str, model: VideoTextModel, backbone_tensors: dict[str, Tensor] | None = None
-    ) -> None:
+    def add(self, name: str, model: VideoTextModel, backbone_tensors: dict[str, Tensor] | None = None) -> None:
         """Register a model built over this bank's backbone under ``name`` (its adapter name)."""
         if model.clip is not self.clip:
             raise VidretError("the model must be built over this bank's backbone instance")

@@ -56,7 +56,7 @@ class AdapterConfig:
                 v = d[f.name]
                 kwargs[f.name] = tuple(v) if isinstance(v, list) else v
         try:
-            return cls(**kwargs)
+            return cls(**kwargs)  # type: ignore[arg-type]  # values are checked by __post_init__
         except (TypeError, ValueError) as e:
             raise VidretError(f"invalid option for method {cls.method!r}: {e}") from e
 
@@ -206,7 +206,9 @@ def bias_parameters(clip: CLIP) -> list[tuple[str, nn.Parameter]]:
     names = {id(p): n for n, p in backbone_named_parameters(clip)}
     for m in _backbone_modules(clip):
         if isinstance(m, (nn.Linear, nn.LayerNorm, LayerNorm, nn.Conv2d)) and m.bias is not None:
-            out.append((names[id(m.bias)], m.bias))
+            bias = m.bias
+            assert isinstance(bias, nn.Parameter)
+            out.append((names[id(bias)], bias))
     return out
 
 

@@ -41,7 +41,7 @@ def method_report(method: str, backbone: str = "ViT-B-16", preset: str | None = 
     from vidret.model import build_model, parameter_report
 
     spec = get_method(method)
-    presets: list[str | None] = sorted(spec.presets) if preset == "all" else [preset]
+    presets: list[str | None] = list(sorted(spec.presets)) if preset == "all" else [preset]
     rows = []
     for p in presets:
         model = build_model(_meta_backbone(backbone), method, preset=p, **overrides)

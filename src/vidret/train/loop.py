@@ -174,7 +174,12 @@ class _Checkpoint:
 
 
 def save_checkpoint(
-    path: Path, model: VideoTextModel, opt: torch.optim.Optimizer, pos: _Checkpoint, cfg: TrainConfig, bad: list[str]
+    path: Path,
+    model: VideoTextModel,
+    opt: torch.optim.Optimizer,
+    pos: _Checkpoint,
+    cfg: TrainConfig,
+    bad: list[list[str]],
 ) -> None:
     """Atomic: a kill during the write leaves the previous checkpoint intact."""
     state = {
@@ -435,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                     "seed": cfg.seed,
                     "world_size": info.world_size,
                     "global_batch": cfg.global_batch,
-                }
+                },
             },
         )
         (out_dir / "bad_videos.json").write_text(json.dumps(bad.to_dict(), indent=1))

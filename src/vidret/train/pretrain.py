@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vidret.backbone.clip import create_backbone, get_config
+from vidret.backbone.clip import CLIP, create_backbone, get_config
 from vidret.backbone.convert import to_openai
 from vidret.backbone.tokenizer import tokenize
 from vidret.data.pocket import load_pretrain_set
@@ -148,7 +148,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
 
 
 @torch.no_grad()
-def _holdout_recall(model: torch.nn.Module, images: np.ndarray, tokens: torch.Tensor) -> dict[str, float]:
+def _holdout_recall(model: CLIP, images: np.ndarray, tokens: torch.Tensor) -> dict[str, float]:
     """Image<->caption R@1 on images never trained on (captions may repeat across images: ties are optimistic)."""
     from vidret.eval.metrics import retrieval_metrics
 
