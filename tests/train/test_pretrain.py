@@ -14,8 +14,7 @@ from vidret.train.pretrain import PretrainConfig, pretrain
 
 
 def test_pretrain_round_trips_through_the_openai_loader(tiny_world: Path, tmp_path: Path) -> None:
-    out = pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "p.pt"), steps=3, batch=16),
-                   progress=False)
+    out = pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "p.pt"), steps=3, batch=16), progress=False)
     raw = torch.load(out, weights_only=True)
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" in raw  # OpenAI layout, fused q/k/v
     assert "token_embedding.weight" in raw and "text_projection" in raw
@@ -28,14 +27,20 @@ def test_pretrain_round_trips_through_the_openai_loader(tiny_world: Path, tmp_pa
 
 
 def test_pretrain_is_deterministic(tiny_world: Path, tmp_path: Path) -> None:
-    a = torch.load(pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "a.pt"), steps=2, batch=16),
-                            progress=False), weights_only=True)
-    b = torch.load(pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "b.pt"), steps=2, batch=16),
-                            progress=False), weights_only=True)
+    a = torch.load(
+        pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "a.pt"), steps=2, batch=16), progress=False),
+        weights_only=True,
+    )
+    b = torch.load(
+        pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "b.pt"), steps=2, batch=16), progress=False),
+        weights_only=True,
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrain_refuses_a_mismatched_image_size(tiny_world: Path, tmp_path: Path) -> None:
     with pytest.raises(VidretError, match="px"):
-        pretrain(PretrainConfig(world=str(tiny_world), out=str(tmp_path / "x.pt"), config="pocket-tiny", steps=1),
-                 progress=False)
+        pretrain(
+            PretrainConfig(world=str(tiny_world), out=str(tmp_path / "x.pt"), config="pocket-tiny", steps=1),
+            progress=False,
+        )
