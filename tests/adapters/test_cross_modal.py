@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tests.adapters.helpers import encode
 from vidret.adapters.base import DEFAULT_ADAPTER, Hook, blocks, get_method, get_root, inject, unwrap
 from vidret.adapters.base import parameter_report as adapter_report
 from vidret.adapters.cross_modal import (
@@ -37,11 +38,6 @@ def make_inputs(clip: CLIP, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     tokens[0, 5], tokens[0, 6:] = EOT, 0
     tokens[1, 7] = EOT
     return frames, mask, tokens
-
-
-def encode(model: VideoTextModel, inputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    frames, mask, tokens = inputs
-    return model.encode_video(frames, mask).frames, model.encode_text(tokens)
 
 
 def perturb(model: VideoTextModel, std: float = 0.2, seed: int = 1) -> None:

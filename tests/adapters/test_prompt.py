@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tests.adapters.helpers import encode, perturb
 from vidret.adapters.base import DEFAULT_ADAPTER, Hook, blocks, get_method, inject, unwrap
 from vidret.adapters.base import parameter_report as adapter_report
 from vidret.adapters.io import load_adapter, save_adapter
@@ -42,18 +43,6 @@ def make_inputs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     frames = torch.randn(2, 3, 3, 32, 32, generator=g)
     mask = torch.tensor([[True, True, True], [True, True, False]])
     return frames, mask, make_tokens(seed)[:2]
-
-
-def encode(model: VideoTextModel, inputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    frames, mask, tokens = inputs
-    return model.encode_video(frames, mask).frames, model.encode_text(tokens)
-
-
-def perturb(model: VideoTextModel, std: float = 0.2, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.trainable_named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def tiny_model(**overrides: Any) -> VideoTextModel:

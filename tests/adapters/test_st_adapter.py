@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tests.adapters.helpers import encode, make_inputs, perturb
 from vidret.adapters.base import DEFAULT_ADAPTER, Hook, bias_parameters, blocks, get_method, inject, unwrap
 from vidret.adapters.base import parameter_report as adapter_report
 from vidret.adapters.io import load_adapter, save_adapter
@@ -23,31 +24,6 @@ from vidret.adapters.st_adapter import (
 from vidret.backbone.clip import ForwardContext, ResidualBlock, create_backbone, get_config
 from vidret.errors import VidretError
 from vidret.model import VideoTextModel, build_model
-
-EOT = 49407
-
-
-def make_inputs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Two videos of 3 frames of 32 px (one padding frame) and two captions of 8 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    frames = torch.randn(2, 3, 3, 32, 32, generator=g)
-    mask = torch.tensor([[True, True, True], [True, True, False]])
-    tokens = torch.randint(1, 1000, (2, 8), generator=g)
-    tokens[0, 5], tokens[0, 6:] = EOT, 0
-    tokens[1, 7] = EOT
-    return frames, mask, tokens
-
-
-def encode(model: VideoTextModel, inputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    frames, mask, tokens = inputs
-    return model.encode_video(frames, mask).frames, model.encode_text(tokens)
-
-
-def perturb(model: VideoTextModel, std: float = 0.2, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.trainable_named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def tiny_model(**overrides: Any) -> VideoTextModel:
