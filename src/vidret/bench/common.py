@@ -191,9 +191,42 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark (Linux reports ru_maxrss in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """This process's resident-set high-water mark.
+
+    Linux: ``VmHWM`` of the current address space. ``ru_maxrss`` is the fallback elsewhere, but on Linux it
+    would be wrong for a subprocess: it starts at the parent's RSS at fork and survives ``exec``.
+    """
+    kib = _proc_status_kib("VmHWM")
+    if kib is None:
+        kib = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return kib * 1024
+
+
+def current_rss_bytes() -> int:
+    kib = _proc_status_kib("VmRSS")
+    return (kib if kib is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def measure_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

@@ -16,8 +16,10 @@ Two phases per run:
    weights get no weight-gradient GEMMs) and host-device syncs per step (``SyncCounter``). Peak memory on GPU is
    ``torch.cuda.max_memory_allocated`` (weights, gradients, optimiser state, activations; earlier allocations
    subtracted). On CPU each method runs in a fresh subprocess (RSS never shrinks, so methods cannot share a
-   process) and the figure is its ``ru_maxrss`` after the steps minus ``ru_maxrss`` before the backbone was
-   built (imports and the input batch excluded).
+   process) and the figure is its peak RSS (``VmHWM``, reset just before the backbone is built) minus its RSS
+   then (imports and the input batch excluded), with glibc's mmap threshold fixed so that RSS follows live
+   memory rather than heap fragmentation. "kept for backward" is exact: the bytes autograd saves during the
+   forward (``SavedTensorBytes``), independent of allocator and load.
 2. Step time, all methods in ONE process (``time_interleaved``): every model is built, warmed up, then each
    round times one step of every method in rotating order. The speed-up vs full fine-tuning is the median over
    rounds of (full's step / the method's step in the same round), so load drifting on a shared machine hits
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,7 @@ from torch import Tensor
 from vidret.bench.common import (
     SavedTensorBytes,
     SyncCounter,
+    current_rss_bytes,
     flop_counter,
     fmt_bytes,
     fmt_table,
@@ -59,6 +63,7 @@ from vidret.bench.common import (
     machine_info,
     median,
     peak_rss_bytes,
+    reset_peak_rss,
     resolve_device,
     resolve_precision,
     summarize_syncs,
@@ -235,7 +240,8 @@ class _Bench:
         self.batch = synthetic_batch(cfg.batch, cfg.frames, bcfg.vision.image_size, cfg.words, seed=cfg.seed)
         if device.type == "cuda":
             self.batch = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in self.batch.items()}
-        self.rss_before = peak_rss_bytes()
+        reset_peak_rss()  # the peak from here on is this method's (imports and the batch excluded)
+        self.rss_before = current_rss_bytes()
         self.mem_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         clip = create_backbone(bcfg, seed=cfg.seed)
         opts = method_options(run, bcfg, cfg.frames, cfg.words)
@@ -393,8 +399,8 @@ def measure_method(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(device) - b.mem_before
         mem_method = "cuda_max_allocated"
     else:
-        peak = peak_rss_bytes() - b.rss_before
-        mem_method = "ru_maxrss_delta"
+        peak = max(0, peak_rss_bytes() - b.rss_before)
+        mem_method = "rss_peak_delta"
     out = b.describe()
     out.update(
         peak_memory_bytes=peak,
@@ -446,10 +452,15 @@ def _run_in_subprocess(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
         inp.write_text(json.dumps({"config": cfg.to_dict(), "run": _run_to_dict(run)}))
+        # glibc otherwise raises its mmap threshold as big buffers are freed and keeps later ones in the heap,
+        # so RSS would report heap fragmentation; a fixed threshold returns freed activations to the OS and
+        # the high-water mark tracks live memory (weights + optimiser state + saved activations + transients).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
         proc = subprocess.run(
             [sys.executable, "-m", "vidret.bench.train", "--worker", str(inp), str(outp)],
             capture_output=True,
             text=True,
+            env=env,
         )
         if proc.returncode != 0 or not outp.exists():
             raise VidretError(f"benchmark of {run.label!r} failed in its subprocess:\n{proc.stderr[-3000:]}")
@@ -533,11 +544,16 @@ def _notes(rows: list[dict[str, Any]], device: torch.device, isolate: str) -> li
     if any(not r["trains"] for r in rows):
         notes.append("frozen trains nothing: its row times the forward pass only (no backward, no optimiser)")
     if device.type == "cpu":
-        notes.append(
-            "CPU peak memory = ru_maxrss after the steps minus ru_maxrss before the backbone was built "
-            f"(isolation: {isolate}; without a process per method every method after the first sees the "
-            "process's old high-water mark, so only 'process' figures are meaningful)"
-        )
+        if isolate == "process":
+            notes.append(
+                "CPU peak memory = peak RSS (VmHWM, reset before the backbone is built) minus the RSS then, each "
+                "method in its own process with glibc MALLOC_MMAP_THRESHOLD_=65536 so freed buffers leave the RSS"
+            )
+        else:
+            notes.append(
+                "CPU peak memory measured in one shared process: memory the allocator kept from earlier methods "
+                "hides in the baseline, so these figures are not comparable (use --isolate process)"
+            )
     else:
         notes.append("GPU peak memory = torch.cuda.max_memory_allocated over the steps (weights included)")
     return notes
