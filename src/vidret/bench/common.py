@@ -237,6 +237,43 @@ def measure_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048,
     return 2 * n**3 / median(times) / 1e12
 
 
+# ----------------------------------------------------------------------------- model helpers
+
+
+def split_top_level(s: str) -> list[str]:
+    """Split on commas outside brackets: "lora+layers=[9,10],full" -> ["lora+layers=[9,10]", "full"]."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimiser's state tensors (AdamW: two moments and a step per trainable tensor)."""
+    if opt is None:
+        return 0
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, Tensor))
+
+
+def _plain_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def use_plain_gelu(model: Any) -> None:
+    """Every QuickGELU of the model (backbone and adapters) computes through autograd's graph, keeping x and
+    sigmoid(1.702 x) for backward: how clip.py did it before ``_QuickGELUFunction``."""
+    from vidret.backbone.clip import QuickGELU
+
+    for m in model.modules():
+        if isinstance(m, QuickGELU):
+            m.forward = _plain_gelu  # type: ignore[method-assign]
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 

@@ -62,13 +62,16 @@ from vidret.bench.common import (
     format_machine,
     machine_info,
     median,
+    optimizer_state_bytes,
     peak_rss_bytes,
     reset_peak_rss,
     resolve_device,
     resolve_precision,
+    split_top_level,
     summarize_syncs,
     sync,
     synthetic_batch,
+    use_plain_gelu,
 )
 from vidret.errors import VidretError
 
@@ -123,26 +126,13 @@ def parse_method(spec: str) -> MethodRun:
     return MethodRun(spec, name, preset or BENCH_PRESETS.get(name), overrides, knobs)
 
 
-def _split_top_level(s: str) -> list[str]:
-    """Split on commas outside brackets: "lora+layers=[9,10],full" -> ["lora+layers=[9,10]", "full"]."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur]
-
-
 def expand_methods(specs: Sequence[str]) -> list[MethodRun]:
     """Expand "all" and comma lists; full fine-tuning (when present) runs first, duplicates dropped."""
     from vidret.adapters.base import list_methods
 
     names: list[str] = []
     for s in specs:
-        for part in (p.strip() for p in _split_top_level(s)):
+        for part in (p.strip() for p in split_top_level(s)):
             if part == "all":
                 names += [m for m in list_methods()] + list(EXTRA_VARIANTS)
             elif part:
@@ -248,7 +238,7 @@ class _Bench:
         self.model = build_model(clip, run.method, preset=run.preset, **opts)
         clip.set_grad_checkpointing(bool(_knob(cfg, run, "grad_checkpointing")))
         if run.knobs.get("plain_gelu"):
-            _use_plain_gelu(self.model)
+            use_plain_gelu(self.model)
         self.prefix = self.model.set_frozen_prefix(bool(_knob(cfg, run, "frozen_prefix")))
         self.model.to(device)
         self.report = parameter_report(self.model)
@@ -359,20 +349,6 @@ def _cuda_sync_warnings(b: _Bench) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _plain_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _use_plain_gelu(model: Any) -> None:
-    """Every QuickGELU of the model (backbone and adapters) computes through autograd's graph, keeping x and
-    sigmoid(1.702 x) for backward: how clip.py did it before ``_QuickGELUFunction``."""
-    from vidret.backbone.clip import QuickGELU
-
-    for m in model.modules():
-        if isinstance(m, QuickGELU):
-            m.forward = _plain_gelu  # type: ignore[method-assign]
-
-
 def measure_method(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
     """Memory, counts and file size of one method, built alone in THIS process (a fresh one on CPU).
 
@@ -406,7 +382,7 @@ def measure_method(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
         peak_memory_bytes=peak,
         memory_method=mem_method,
         weights_bytes=sum(p.numel() * p.element_size() for p in b.model.parameters()),
-        optimizer_state_bytes=_optimizer_state_bytes(b.opt),
+        optimizer_state_bytes=optimizer_state_bytes(b.opt),
         model_build_rss_bytes=rss_model - b.rss_before if device.type == "cpu" else None,
         isolated_step_times_s=times,
         **counted,
@@ -440,12 +416,6 @@ def time_interleaved(cfg: TrainBenchConfig, runs: Sequence[MethodRun]) -> dict[s
             b = benches[(i + j) % n]
             times[b.run.label].append(b.timed_step())
     return times
-
-
-def _optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
-    if opt is None:
-        return 0
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, Tensor))
 
 
 def _run_in_subprocess(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
