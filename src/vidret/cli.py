@@ -417,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # OpenMP's default busy-waiting makes torch 8-10x slower when anything else shares the cores (measured:
     # a pocket-model step took 3.8 s instead of 0.46 s with a second process running); set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # glibc would unmap and re-fault every large activation each step (see host_memory.py for the figures)
+    from vidret.host_memory import keep_freed_memory
+
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in _BENCHES:
         # benchmarks own their options (and --help): hand them everything after the name

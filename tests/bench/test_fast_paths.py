@@ -18,7 +18,9 @@ def _reference_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quickgelu_is_bit_identical_to_autograds_graph(dtype: torch.dtype) -> None:
+def test_quickgelu_forward_is_bit_identical_and_its_gradient_as_accurate_as_autograds_graph(
+    dtype: torch.dtype,
+) -> None:
     g = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(4, 50, 96, generator=g)).to(dtype).requires_grad_()
     grad = torch.randn(4, 50, 96, generator=g).to(dtype)
@@ -26,9 +28,17 @@ def test_quickgelu_is_bit_identical_to_autograds_graph(dtype: torch.dtype) -> No
     (gx_ref,) = torch.autograd.grad(y_ref, x, grad)
     y = QuickGELU()(x)
     (gx,) = torch.autograd.grad(y, x, grad)
-    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert torch.equal(y, y_ref)
     with torch.no_grad():
         assert torch.equal(QuickGELU()(x), y_ref)
+    # The fused backward rounds differently from the seven-op graph; both are measured against float64.
+    x64 = x.detach().double().requires_grad_()
+    (gx64,) = torch.autograd.grad(_reference_gelu(x64), x64, grad.double())
+    err_ours = (gx.double() - gx64).abs().max().item()
+    err_graph = (gx_ref.double() - gx64).abs().max().item()
+    ulp = torch.finfo(dtype).eps * gx64.abs().max().item()
+    assert err_ours <= max(err_graph, 4 * ulp), (err_ours, err_graph)
+    assert not torch.equal(gx, torch.zeros_like(gx))
 
 
 def test_quickgelu_backward_is_a_true_gradient() -> None:

@@ -164,20 +164,31 @@ class _QuickGELUFunction(torch.autograd.Function):
 
     Autograd's own graph of the expression keeps both ``x`` and ``sigmoid(1.702 x)``; in the MLP that is two
     tensors of the block's widest shape [N, L, 4D] and the largest share of what a frozen backbone stores for
-    backward (measured in benchmarks/efficiency.md). The backward runs the same ops as autograd's graph
-    (MulBackward, SigmoidBackward, the 1.702 factor), so values and gradients are bit-identical.
+    backward (measured in benchmarks/efficiency.md). The forward is bit-identical to the expression (computed in
+    one buffer). The backward uses ``d/dx [x sigmoid(a x)] = silu'(a x)`` (the 1/a of ``silu(a x) / a`` and the
+    chain rule's a cancel): one fused kernel instead of autograd's seven elementwise passes over [N, L, 4D]
+    (3.3x faster on CPU), equal to the graph's gradient to rounding and as close to the float64 gradient
+    (tests/bench/test_fast_paths.py).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        return x * torch.sigmoid(1.702 * x)
+        return _quick_gelu(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * x)
-        return grad * s + torch.ops.aten.sigmoid_backward(grad * x, s) * 1.702
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable form (silu_backward has no derivative)
+            s = torch.sigmoid(1.702 * x)
+            return grad * s + torch.ops.aten.sigmoid_backward(grad * x, s) * 1.702
+        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    """``x * sigmoid(1.702 x)`` in one new buffer (bitwise the expression: the product commutes exactly)."""
+    y = x * 1.702
+    return y.sigmoid_().mul_(x)
 
 
 class QuickGELU(nn.Module):
@@ -186,7 +197,7 @@ class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _QuickGELUFunction.apply(x)
-        return x * torch.sigmoid(1.702 * x)
+        return _quick_gelu(x)
 
 
 class Attention(nn.Module):

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidret.backbone.clip import CLIPConfig, VisionConfig
 from vidret.errors import VidretError
+from vidret.host_memory import allocator_mode
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; matched by substring of
 # ``torch.cuda.get_device_name()`` in this order (more specific names first).
@@ -81,6 +82,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "cpu_bf16_native": _cpu_has_native_bf16(),
+        "host_allocator": allocator_mode(),
     }
     try:
         import psutil
@@ -127,6 +129,7 @@ def format_machine(info: dict[str, Any]) -> str:
         f"{info.get('memory_gib', '?')} GiB)",
         f"torch {info['torch']}, {info['torch_threads']} threads, Python {info['python']}",
         f"load avg (1 min) at start {info.get('load_avg_1min')}",
+        f"host allocator: {info.get('host_allocator', 'system default')}",
     ]
     if "gpu" in info:
         peak = info.get("gpu_bf16_peak_tflops")

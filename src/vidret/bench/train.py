@@ -74,6 +74,7 @@ from vidret.bench.common import (
     use_plain_gelu,
 )
 from vidret.errors import VidretError
+from vidret.host_memory import keep_freed_memory
 
 # The preset each method is benchmarked with (the paper's MSR-VTT setting where the method has one).
 BENCH_PRESETS: dict[str, str | None] = {
@@ -425,7 +426,12 @@ def _run_in_subprocess(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
         # glibc otherwise raises its mmap threshold as big buffers are freed and keeps later ones in the heap,
         # so RSS would report heap fragmentation; a fixed threshold returns freed activations to the OS and
         # the high-water mark tracks live memory (weights + optimiser state + saved activations + transients).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+        # VIDRET_MALLOC=system: without vidret's keep-freed-memory tuning (host_memory.py), which the timing uses.
+        env = {
+            **os.environ,
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
+            "VIDRET_MALLOC": "system",
+        }
         proc = subprocess.run(
             [sys.executable, "-m", "vidret.bench.train", "--worker", str(inp), str(outp)],
             capture_output=True,
@@ -734,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         res = measure_method(_config_from_dict(spec["config"]), _run_from_dict(spec["run"]))
         Path(args.worker[1]).write_text(json.dumps(res))
         return 0
+    # Timing runs as `vidret train` does (cli.main applies it too; `python -m` entry points get it here).
+    keep_freed_memory()
     if args.storage:
         result = run_storage_benchmark(args.backbone, seed=args.seed)
         print(format_storage_benchmark(result))
