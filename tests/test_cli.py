@@ -72,10 +72,22 @@ def test_adapters_report_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows[0]["trainable"] == 519_168 and rows[0]["paper"].startswith("0.52M")
 
 
-def test_eval_cli_on_a_saved_adapter(tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_cli_on_a_saved_adapter(
+    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vidret.adapters.io import save_adapter
     from vidret.backbone.clip import create_backbone
+    from vidret.eval import metrics
     from vidret.model import build_model
+
+    seen: dict[str, object] = {}
+    real_qb_norm = metrics.qb_norm
+
+    def recording_qb_norm(sim, bank, **kw):  # type: ignore[no-untyped-def]
+        seen.update(sim_max=float(sim.abs().max()), bank_shape=tuple(bank.shape), **kw)
+        return real_qb_norm(sim, bank, **kw)
+
+    monkeypatch.setattr(metrics, "qb_norm", recording_qb_norm)
 
     save_adapter(build_model(create_backbone("pocket-tiny", seed=0), "frozen"), tmp_path / "a")
     out = tmp_path / "res.json"
@@ -96,6 +108,12 @@ def test_eval_cli_on_a_saved_adapter(tiny_world: Path, tmp_path: Path, capsys: p
             "0",
             "--pairs",
             str(tiny_world / "test_pairs.json"),
+            "--qb-bank",
+            str(tiny_world / "train.jsonl"),
+            "--qb-bank-size",
+            "40",
+            "--qb-k",
+            "2",
             "--out",
             str(out),
         ]
@@ -107,3 +125,9 @@ def test_eval_cli_on_a_saved_adapter(tiny_world: Path, tmp_path: Path, capsys: p
     assert res["reversal"]["pair_queries"] > 0
     # a frozen meanP model cannot tell a clip from its time reversal: every pair ties (50%)
     assert res["reversal"]["pair_ties"] == 100.0 and res["reversal"]["pair_accuracy"] == 50.0
+    # QB-Norm: 40 training captions against every test video, on the cosine scale (|s| <= 1), k passed through
+    qb = res["postprocessed"]["qbnorm"]
+    assert qb["bank_queries"] == 40 and qb["k"] == 2 and "T2V with QB-Norm (40 bank captions)" in text
+    assert seen["bank_shape"] == (40, res["n_videos"]) and seen["k"] == 2 and seen["beta"] == 20.0
+    assert seen["sim_max"] <= 1.0 + 1e-5
+    assert set(qb["t2v"]) == set(res["t2v"])

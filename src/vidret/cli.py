@@ -183,11 +183,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         precision=args.precision,
         protocol=args.protocol,
         pairs_file=args.pairs,
+        query_bank=args.qb_bank,
+        query_bank_size=args.qb_bank_size,
+        qb_k=args.qb_k,
+        qb_beta=args.qb_beta,
     )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     print("T2V", format_metrics(res["t2v"]))
     print("V2T", format_metrics(res["v2t"]))
+    if "dsl" in res.get("postprocessed", {}):
+        print("T2V with DSL (transductive: uses all test queries)", format_metrics(res["postprocessed"]["dsl"]["t2v"]))
+    if "qbnorm" in res.get("postprocessed", {}):
+        qb = res["postprocessed"]["qbnorm"]
+        print(f"T2V with QB-Norm ({qb['bank_queries']} bank captions)", format_metrics(qb["t2v"]))
     if "reversal" in res:
         print(f"time-reversed pairs: {res['reversal']['pair_accuracy']:.1f}% of captions prefer their own video")
     return 0
@@ -348,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     s.add_argument("--pairs", default=None, help="reversal pairs JSON (pocket world test_pairs.json)")
+    s.add_argument("--qb-bank", default=None, help="QB-Norm: manifest whose captions are the querybank (train split)")
+    s.add_argument("--qb-bank-size", type=int, default=None, help="QB-Norm: draw this many bank captions (seeded)")
+    s.add_argument("--qb-k", type=int, default=1, help="QB-Norm: top-k of each bank query in the activation set")
+    s.add_argument("--qb-beta", type=float, default=20.0, help="QB-Norm: inverse temperature (cosine scale)")
     s.add_argument("--out", default=None, help="write results JSON here")
 
     s = add(sub, "plot", cmd_plot, "draw a run's loss and recall curves to PNG")

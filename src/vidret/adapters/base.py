@@ -32,6 +32,8 @@ from vidret.errors import VidretError
 HeadName = Literal["meanP", "text_conditioned", "seq_transformer"]
 DEFAULT_ADAPTER = "default"
 
+Tower = Literal["visual", "text"]  # the two encoders of a CLIP backbone
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -142,7 +144,7 @@ def get_root(clip: CLIP, adapter: str, create: bool = True) -> AdapterRoot:
     return root
 
 
-def blocks(clip: CLIP, tower: Literal["visual", "text"]) -> nn.ModuleList:
+def blocks(clip: CLIP, tower: Tower) -> nn.ModuleList:
     """The residual blocks of one tower (hooks may wrap them)."""
     return (clip.visual if tower == "visual" else clip.text).transformer.resblocks
 

@@ -49,6 +49,7 @@ from vidret.adapters.base import (
     AdapterConfig,
     Branch,
     MethodSpec,
+    Tower,
     attach,
     bias_parameters,
     blocks,
@@ -57,7 +58,6 @@ from vidret.adapters.base import (
 )
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, ResidualBlock
 
-Tower = Literal["visual", "text"]
 Sublayer = Literal["attn", "mlp"]
 Mode = Literal["par", "seq"]
 ParInput = Literal["ln", "residual"]

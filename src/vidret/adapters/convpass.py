@@ -57,6 +57,7 @@ from vidret.adapters.base import (
     AdapterConfig,
     Branch,
     MethodSpec,
+    Tower,
     attach,
     bias_parameters,
     blocks,
@@ -67,7 +68,6 @@ from vidret.adapters.base import (
 from vidret.adapters.st_adapter import patch_grid
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, QuickGELU
 
-Tower = Literal["visual", "text"]
 Sublayer = Literal["attn", "mlp"]
 ConvInit = Literal["identity", "xavier"]
 

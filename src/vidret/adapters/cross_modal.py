@@ -39,6 +39,7 @@ from vidret.adapters.base import (
     Branch,
     HeadName,
     MethodSpec,
+    Tower,
     attach,
     blocks,
     get_root,
@@ -48,7 +49,6 @@ from vidret.adapters.base import (
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, QuickGELU
 from vidret.errors import VidretError
 
-Tower = Literal["visual", "text"]
 Slot = Literal["attn", "mlp"]
 TOWERS: tuple[Tower, ...] = ("visual", "text")
 SLOTS: tuple[Slot, ...] = ("attn", "mlp")

@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidret.adapters.base import AdapterConfig, Branch, Hook, MethodSpec, attach, blocks, target_layers, unwrap
+from vidret.adapters.base import AdapterConfig, Branch, Hook, MethodSpec, Tower, attach, blocks, target_layers, unwrap
 from vidret.backbone.clip import CLIP, MLP, Attention, CLIPConfig, ForwardContext
 from vidret.errors import VidretError
 
-Tower = Literal["visual", "text"]
 Target = Literal["q", "k", "v", "out", "mlp"]
 _ATTN_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
 

@@ -38,6 +38,7 @@ from vidret.adapters.base import (
     AdapterRoot,
     Branch,
     MethodSpec,
+    Tower,
     attach,
     bias_parameters,
     blocks,
@@ -405,7 +406,7 @@ def inject(clip: CLIP, config: MVAdapterConfig, adapter: str) -> list[str]:
     tie_v = {v: shared[k] for k, (v, _) in enumerate(plan["tied"])}
     tie_t = {t: shared[k] for k, (_, t) in enumerate(plan["tied"])}
     paths: list[str] = []
-    towers: tuple[tuple[Literal["visual", "text"], dict[int, CMTShared], int], ...] = (
+    towers: tuple[tuple[Tower, dict[int, CMTShared], int], ...] = (
         ("visual", tie_v, clip.config.vision.width),
         ("text", tie_t, clip.config.text.width),
     )

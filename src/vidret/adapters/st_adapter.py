@@ -61,6 +61,7 @@ from vidret.adapters.base import (
     AdapterConfig,
     Branch,
     MethodSpec,
+    Tower,
     attach,
     bias_parameters,
     blocks,
@@ -70,7 +71,6 @@ from vidret.adapters.base import (
 from vidret.backbone.clip import CLIP, CLIPConfig, ForwardContext, QuickGELU, ResidualBlock
 from vidret.errors import VidretError
 
-Tower = Literal["visual", "text"]
 Position = Literal["attn", "mlp"]
 ZeroInit = Literal["conv", "up"]
 Activation = Literal["none", "quickgelu"]

@@ -190,8 +190,18 @@ def evaluate_model(
     pairs_file: str | Path | None = None,
     postprocess: bool = True,
     extra: dict[str, Any] | None = None,
+    query_bank: str | Path | None = None,
+    query_bank_size: int | None = None,
+    qb_k: int = 1,
+    qb_beta: float = 20.0,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on a manifest; returns a JSON-ready dict (metrics, counts, fingerprints)."""
+    """Evaluate ``model`` on a manifest; returns a JSON-ready dict (metrics, counts, fingerprints).
+
+    ``query_bank``: a manifest (normally the TRAINING split) whose captions form QB-Norm's querybank; the T2V
+    metrics re-scored with the dynamic inverted softmax are reported under ``postprocessed.qbnorm`` (see
+    :func:`vidret.eval.metrics.qb_norm`; ``query_bank_size`` draws that many captions, seeded, to bound the
+    cost). The plain metrics are always the headline numbers.
+    """
     device = torch.device(device)
     protocol = protocol or data_cfg.test_protocol
     entries = read_manifest(manifest)
@@ -224,11 +234,39 @@ def evaluate_model(
         dsl_t2v = metrics_for(M.dual_softmax(sim), owner_t, protocol)["t2v"]
         dsl_v2t = metrics_for(M.dual_softmax(sim.t()).t(), owner_t, protocol)["v2t"]
         result["postprocessed"] = {"dsl": {"t2v": dsl_t2v, "v2t": dsl_v2t}}
+    if query_bank is not None:
+        bank_texts = query_bank_captions(query_bank, query_bank_size)
+        bank = encode_texts(model, bank_texts, data_cfg.max_words, device, precision)
+        video_dev = VideoFeatures(video.frames.to(device), video.mask.to(device))
+        scale = float(model.logit_scale())  # QB-Norm's beta assumes cosine-scale scores, not logits
+        bank_sim = similarity_matrix(model, bank, video_dev) / scale
+        qb = M.qb_norm(sim / scale, bank_sim, k=qb_k, beta=qb_beta)
+        result.setdefault("postprocessed", {})["qbnorm"] = {
+            "t2v": M.retrieval_metrics(qb, owner_t),
+            "bank": str(query_bank),
+            "bank_queries": len(bank_texts),
+            "k": qb_k,
+            "beta": qb_beta,
+        }
     if pairs_file is not None:
         result["reversal"] = pair_accuracy(sim, owner, entries_kept, read_pairs(pairs_file))
     if extra:
         result.update(extra)
     return result
+
+
+def query_bank_captions(manifest: str | Path, size: int | None = None, seed: int = 0) -> list[str]:
+    """Every caption of a manifest (the querybank), or ``size`` of them drawn without replacement (seeded)."""
+    texts = [c for e in read_manifest(manifest) for c in e.captions]
+    if not texts:
+        raise VidretError(f"{manifest}: no captions to build a QB-Norm querybank from")
+    if size is not None:
+        if size <= 0:
+            raise VidretError(f"query bank size must be positive, got {size}")
+        if size < len(texts):
+            g = torch.Generator().manual_seed(seed)
+            texts = [texts[i] for i in torch.randperm(len(texts), generator=g)[:size].sort().values.tolist()]
+    return texts
 
 
 def adapter_fingerprint(model: VideoTextModel) -> str:
