@@ -123,6 +123,27 @@ def bf16_peak_tflops(gpu_name: str) -> float | None:
     return None
 
 
+def cpu_time_counters() -> list[int] | None:
+    """The machine's aggregate CPU time counters from /proc/stat (user nice system idle iowait irq softirq steal
+    ...), in clock ticks; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    return [int(x) for x in first[1:]] if first and first[0] == "cpu" else None
+
+
+def steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Share of all CPU time between two :func:`cpu_time_counters` readings that the hypervisor gave to other
+    guests (the ``steal`` column): time a benchmark waited for a core it was not given."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    delta = [a - b for a, b in zip(after, before)]
+    total = sum(delta[:8])  # guest time is already counted in user
+    return 100.0 * delta[7] / total if total > 0 else None
+
+
 def format_machine(info: dict[str, Any]) -> str:
     parts = [
         f"CPU {info['cpu']} ({info.get('physical_cores', '?')} physical / {info['logical_cores']} logical cores, "
