@@ -244,6 +244,12 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def cmd_bench_hostpath(args: argparse.Namespace) -> int:
+    from vidret.bench.hostpath import main as bench_main
+
+    return bench_main(args.rest)
+
+
 # ----------------------------------------------------------------------------- search
 
 
@@ -373,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", cmd_bench_train, "training step time and peak memory of every method vs full fine-tuning"),
         ("encode", cmd_bench_encode, "video encoding throughput"),
         ("search", cmd_bench_search, "index and HTTP search latency"),
+        ("hostpath", cmd_bench_hostpath, "CPU fast paths before/after: QuickGELU backward, host allocator"),
     ):
         s = add(be, name, h, text)
         s.add_argument("rest", nargs=argparse.REMAINDER, help="benchmark options (see `vidret bench NAME -- --help`)")
@@ -423,6 +430,7 @@ _BENCHES = {
     "train": "vidret.bench.train",
     "encode": "vidret.bench.encode",
     "search": "vidret.bench.search",
+    "hostpath": "vidret.bench.hostpath",
 }
 
 
