@@ -13,7 +13,9 @@ from vidret.bench.hostpath import format_hostpath_benchmark, run_hostpath_benchm
 def test_gelu_backward_timing_reports_both_forms() -> None:
     r = time_gelu_backward(64, 256, reps=3)
     assert r["graph_ms"] > 0 and r["fused_ms"] > 0
+    assert r["recompute_ms"] > 0
     assert math.isclose(r["speedup"], r["graph_ms"] / r["fused_ms"])
+    assert math.isclose(r["speedup_vs_recompute"], r["recompute_ms"] / r["fused_ms"])
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc")

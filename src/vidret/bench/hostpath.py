@@ -31,15 +31,35 @@ from vidret.errors import VidretError
 from vidret.host_memory import ENV, keep_freed_memory
 
 
+class _RecomputeGELU(torch.autograd.Function):
+    """The previous QuickGELU (session 1): keeps x only and recomputes the sigmoid in a seven-pass backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * s + torch.ops.aten.sigmoid_backward(grad * x, s) * 1.702
+
+
 def time_gelu_backward(tokens: int, hidden: int, reps: int = 10, seed: int = 0) -> dict[str, float]:
-    """Median ms of one QuickGELU backward on [tokens, hidden]: autograd's graph vs the fused form."""
+    """Median ms of one QuickGELU backward on [tokens, hidden]: autograd's graph (keeps x and the sigmoid), the
+    previous memory-saving form (keeps x, recomputes in seven passes) and the fused form (keeps x, one kernel)."""
     from vidret.backbone.clip import QuickGELU
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g).requires_grad_()
     grad = torch.randn(tokens, hidden, generator=g)
     out: dict[str, float] = {}
-    fns: dict[str, Callable[[Tensor], Tensor]] = {"graph": lambda t: t * torch.sigmoid(1.702 * t), "fused": QuickGELU()}
+    fns: dict[str, Callable[[Tensor], Tensor]] = {
+        "graph": lambda t: t * torch.sigmoid(1.702 * t),
+        "recompute": _RecomputeGELU.apply,
+        "fused": QuickGELU(),
+    }
     for name, fn in fns.items():
         times = []
         for _ in range(reps + 2):
@@ -50,6 +70,7 @@ def time_gelu_backward(tokens: int, hidden: int, reps: int = 10, seed: int = 0) 
             del y
         out[f"{name}_ms"] = 1000 * median(times[2:])
     out["speedup"] = out["graph_ms"] / out["fused_ms"]
+    out["speedup_vs_recompute"] = out["recompute_ms"] / out["fused_ms"]
     return out
 
 
@@ -97,7 +118,7 @@ def _run_worker(spec: dict[str, Any], system: bool) -> dict[str, Any]:
 
 
 def run_hostpath_benchmark(
-    backbone: str, method: str, frames: int, batch: int, steps: int, threads: int
+    backbone: str, method: str, frames: int, batch: int, steps: int, threads: int, allocator: bool = True
 ) -> dict[str, Any]:
     from vidret.backbone.clip import get_config
 
@@ -111,16 +132,23 @@ def run_hostpath_benchmark(
         "machine": machine_info(),
         "gelu_shape": [tokens, 4 * vision.width],
         "gelu_backward": time_gelu_backward(tokens, 4 * vision.width),
-        "allocator": {"system": _run_worker(spec, system=True), "kept": _run_worker(spec, system=False)},
+        "allocator": {"system": _run_worker(spec, system=True), "kept": _run_worker(spec, system=False)}
+        if allocator
+        else None,
     }
 
 
 def format_hostpath_benchmark(r: dict[str, Any]) -> str:
     c, g = r["config"], r["gelu_backward"]
-    sysd, kept = r["allocator"]["system"], r["allocator"]["kept"]
     lines = [
         f"QuickGELU backward on {r['gelu_shape'][0]} x {r['gelu_shape'][1]} fp32 ({r['machine']['host_allocator']}): "
-        f"autograd graph {g['graph_ms']:.1f} ms, fused {g['fused_ms']:.1f} ms ({g['speedup']:.2f}x)",
+        f"autograd graph {g['graph_ms']:.1f} ms, previous recompute form {g['recompute_ms']:.1f} ms, fused "
+        f"{g['fused_ms']:.1f} ms ({g['speedup']:.2f}x and {g['speedup_vs_recompute']:.2f}x faster)",
+    ]
+    if r["allocator"] is None:
+        return "\n".join([*lines, "", format_machine(r["machine"])])
+    sysd, kept = r["allocator"]["system"], r["allocator"]["kept"]
+    lines += [
         "",
         f"{c['method']} on {c['backbone']}, {c['batch']} videos x {c['frames']} frames, {c['steps']} steps after one "
         f"warm-up, {c['threads']} threads, each allocator in its own process:",
@@ -145,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--no-allocator", action="store_true", help="only the QuickGELU part")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     return p
@@ -157,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.worker[1]).write_text(json.dumps(res))
         return 0
     keep_freed_memory()  # the in-process GELU timing runs as the `vidret` command would
-    r = run_hostpath_benchmark(args.backbone, args.method, args.frames, args.batch, args.steps, args.threads)
+    r = run_hostpath_benchmark(
+        args.backbone, args.method, args.frames, args.batch, args.steps, args.threads, not args.no_allocator
+    )
     print(format_hostpath_benchmark(r))
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
