@@ -2,10 +2,9 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` on free. A ViT-B/16 training step allocates and frees gigabytes of activations, so on CPU every step
-page-faults all of them in again and the kernel zeroes each page: measured on ViT-B/16 x 24 frames (2 threads),
-16.2M minor faults and 78 s of system time for 16 steps, and QuickGELU's backward on a [4728, 3072] tensor at
-182 ms instead of 65 ms. Turning mmap off and the heap trim threshold up lets the allocator reuse the same pages
-(2.1M faults, 26 s system time; the step-time effect is in benchmarks/efficiency.md).
+page-faults all of them in again and the kernel zeroes each page. Turning mmap off and the heap trim threshold up
+lets the allocator reuse the same pages: `vidret bench hostpath` (LoRA on ViT-B/16 x 24 frames, 2 threads) measured
+843,826 -> 21,294 minor faults, 22.9 -> 3.3 s system time and 33.2 -> 13.6 s per step (benchmarks/efficiency.md).
 
 The cost: the resident size stays at its high-water mark (freed memory is kept for reuse, not returned). The
 ``vidret`` command applies this at start-up on Linux/glibc; ``VIDRET_MALLOC=system`` keeps glibc's defaults
