@@ -5,14 +5,19 @@ Nothing here prints; ``bench/train.py`` and ``bench/encode.py`` format and print
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -282,6 +287,19 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
     if opt is None:
         return 0
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, Tensor))
+
+
+def run_json_worker(module: str, spec: dict[str, Any], env: dict[str, str], what: str) -> dict[str, Any]:
+    """Run ``python -m MODULE --worker IN OUT`` in a fresh process: ``spec`` goes in as JSON, the result comes back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        inp.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--worker", str(inp), str(outp)], capture_output=True, text=True, env=env
+        )
+        if proc.returncode != 0 or not outp.exists():
+            raise VidretError(f"{what} failed in its subprocess:\n{proc.stderr[-3000:]}")
+        return dict(json.loads(outp.read_text()))
 
 
 def _plain_gelu(x: Tensor) -> Tensor:

@@ -15,9 +15,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vidret.bench.common import format_machine, machine_info, median
-from vidret.errors import VidretError
+from vidret.bench.common import format_machine, machine_info, median, run_json_worker
 from vidret.host_memory import ENV, keep_freed_memory
 
 
@@ -103,18 +99,7 @@ def _run_worker(spec: dict[str, Any], system: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if system:
         env[ENV] = "system"
-    with tempfile.TemporaryDirectory() as tmp:
-        inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        inp.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, "-m", "vidret.bench.hostpath", "--worker", str(inp), str(outp)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if proc.returncode != 0 or not outp.exists():
-            raise VidretError(f"hostpath worker failed:\n{proc.stderr[-3000:]}")
-        return dict(json.loads(outp.read_text()))
+    return run_json_worker("vidret.bench.hostpath", spec, env, "hostpath worker")
 
 
 def run_hostpath_benchmark(

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ from vidret.bench.common import (
     reset_peak_rss,
     resolve_device,
     resolve_precision,
+    run_json_worker,
     split_top_level,
     steal_percent,
     summarize_syncs,
@@ -430,27 +430,17 @@ def time_interleaved(cfg: TrainBenchConfig, runs: Sequence[MethodRun]) -> dict[s
 
 
 def _run_in_subprocess(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        inp, outp = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        inp.write_text(json.dumps({"config": cfg.to_dict(), "run": _run_to_dict(run)}))
-        # glibc otherwise raises its mmap threshold as big buffers are freed and keeps later ones in the heap,
-        # so RSS would report heap fragmentation; a fixed threshold returns freed activations to the OS and
-        # the high-water mark tracks live memory (weights + optimiser state + saved activations + transients).
-        # VIDRET_MALLOC=system: without vidret's keep-freed-memory tuning (host_memory.py), which the timing uses.
-        env = {
-            **os.environ,
-            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
-            "VIDRET_MALLOC": "system",
-        }
-        proc = subprocess.run(
-            [sys.executable, "-m", "vidret.bench.train", "--worker", str(inp), str(outp)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if proc.returncode != 0 or not outp.exists():
-            raise VidretError(f"benchmark of {run.label!r} failed in its subprocess:\n{proc.stderr[-3000:]}")
-        return dict(json.loads(outp.read_text()))
+    # glibc otherwise raises its mmap threshold as big buffers are freed and keeps later ones in the heap,
+    # so RSS would report heap fragmentation; a fixed threshold returns freed activations to the OS and
+    # the high-water mark tracks live memory (weights + optimiser state + saved activations + transients).
+    # VIDRET_MALLOC=system: without vidret's keep-freed-memory tuning (host_memory.py), which the timing uses.
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
+        "VIDRET_MALLOC": "system",
+    }
+    spec = {"config": cfg.to_dict(), "run": _run_to_dict(run)}
+    return run_json_worker("vidret.bench.train", spec, env, f"benchmark of {run.label!r}")
 
 
 def _run_to_dict(run: MethodRun) -> dict[str, Any]:
