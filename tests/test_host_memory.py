@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -24,8 +25,6 @@ print(applied, allocator_mode(), faults)
 
 
 def _probe(env_value: str | None) -> tuple[str, str, int]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != host_memory.ENV}
     if env_value is not None:
         env[host_memory.ENV] = env_value

@@ -65,15 +65,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def cpu_model() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name : value`` line of /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
@@ -109,15 +114,8 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 
 def _cpu_has_native_bf16() -> bool:
     # avx512_bf16 (Cooper Lake+) or AMX (Sapphire Rapids+): without them bf16 matmuls are emulated on CPU.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def bf16_peak_tflops(gpu_name: str) -> float | None:
@@ -287,6 +285,13 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
     if opt is None:
         return 0
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, Tensor))
+
+
+def write_result_json(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
+    """A benchmark's ``--out``: the result as indented JSON (folders created)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def run_json_worker(module: str, spec: dict[str, Any], env: dict[str, str], what: str) -> dict[str, Any]:

@@ -19,10 +19,8 @@ the table also gives the fraction of the device's dense bf16 peak (data sheet, `
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from vidret.bench.common import (
     sync,
     synthetic_batch,
     vit_forward_flops,
+    write_result_json,
 )
 from vidret.errors import VidretError
 
@@ -244,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_encode_benchmark(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_result_json(args.out, result)
     return 0
 
 

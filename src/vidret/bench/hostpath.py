@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vidret.bench.common import format_machine, machine_info, median, run_json_worker
+from vidret.bench.common import format_machine, machine_info, median, run_json_worker, write_result_json
 from vidret.host_memory import ENV, keep_freed_memory
 
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_hostpath_benchmark(r))
     if args.out:
-        Path(args.out).write_text(json.dumps(r, indent=2))
+        write_result_json(args.out, r)
     return 0
 
 

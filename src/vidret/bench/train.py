@@ -74,6 +74,7 @@ from vidret.bench.common import (
     sync,
     synthetic_batch,
     use_plain_gelu,
+    write_result_json,
 )
 from vidret.errors import VidretError
 from vidret.host_memory import keep_freed_memory
@@ -783,8 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_train_benchmark(cfg)
         print(format_train_benchmark(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_result_json(args.out, result)
     return 0
 
 

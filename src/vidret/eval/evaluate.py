@@ -212,7 +212,8 @@ def evaluate_model(
     video = VideoFeatures(video.frames[keep], video.mask[keep])
     texts, owner = captions_for(entries_kept, protocol)
     text = encode_texts(model, texts, data_cfg.max_words, device, precision)
-    sim = similarity_matrix(model, text, VideoFeatures(video.frames.to(device), video.mask.to(device)))
+    video_dev = VideoFeatures(video.frames.to(device), video.mask.to(device))
+    sim = similarity_matrix(model, text, video_dev)
     owner_t = torch.tensor(owner, dtype=torch.long)
     result: dict[str, Any] = {
         "manifest": str(manifest),
@@ -237,7 +238,6 @@ def evaluate_model(
     if query_bank is not None:
         bank_texts = query_bank_captions(query_bank, query_bank_size)
         bank = encode_texts(model, bank_texts, data_cfg.max_words, device, precision)
-        video_dev = VideoFeatures(video.frames.to(device), video.mask.to(device))
         scale = float(model.logit_scale())  # QB-Norm's beta assumes cosine-scale scores, not logits
         bank_sim = similarity_matrix(model, bank, video_dev) / scale
         qb = M.qb_norm(sim / scale, bank_sim, k=qb_k, beta=qb_beta)
