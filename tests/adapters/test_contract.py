@@ -224,3 +224,22 @@ def test_text_conditioned_head_matches_brute_force() -> None:
             v = (w[:, None] * f).sum(0)
             ref[n, b] = 100 * F.cosine_similarity(text[n], v, dim=0)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_and_backward_run_in_float64(method: str) -> None:
+    # The reference checks against the official codes run in float64; every method must too (a float32
+    # attention bias clamped to float64's minimum used to overflow in MV-Adapter's temporal transformer).
+    model = _build(method).double()
+    frames, mask, tokens = _inputs()
+    video = model.encode_video(frames.double(), mask)
+    text = model.encode_text(tokens)
+    assert video.frames.dtype == torch.float64 and text.dtype == torch.float64
+    loss = model.similarity(text, video).logsumexp(dim=1).sum()
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
+    trainables = [p for _, p in model.trainable_named_parameters()]
+    if not trainables:  # frozen: nothing to differentiate
+        return
+    loss.backward()
+    grads = [p.grad for p in trainables]
+    assert all(g is not None and g.dtype == torch.float64 and torch.isfinite(g).all() for g in grads)

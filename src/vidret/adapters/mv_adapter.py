@@ -132,8 +132,9 @@ class TemporalTransformer(nn.Module):
         q, k, v = qkv.view(B, S, 3, H, W // H).permute(2, 0, 3, 1, 4)
         mask = None
         if attn_bias is not None:
-            # SDPA wants a float mask in the query dtype; -1e6 saturates to the dtype's minimum in fp16.
-            mask = attn_bias.clamp_min(torch.finfo(q.dtype).min).to(q.dtype)
+            # SDPA wants a float mask in the query dtype; cast first (a float32 bias cannot be clamped to float64's
+            # minimum), then clamp: -1e6 becomes -inf in fp16 and saturates to the dtype's minimum.
+            mask = attn_bias.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         # [B, H, S, W/H] -> [B, S, W]
         return self.out_proj(o.transpose(1, 2).reshape(B, S, W))
