@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vidret.adapters.base import backbone_state_dict, get_method, list_methods
-from vidret.adapters.io import load_adapter, save_adapter
+from vidret.adapters.io import load_adapter, save_adapter, weights_file
 from vidret.backbone.clip import create_backbone
 from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel, build_model, parameter_report
@@ -189,7 +189,7 @@ def test_damaged_adapter_files_give_clear_errors(tmp_path: Path) -> None:
     save_adapter(model, tmp_path / "a")
     with pytest.raises(VidretError, match="not an adapter folder"):
         load_adapter(create_backbone("pocket-tiny", seed=0), tmp_path)
-    (tmp_path / "a/adapter.safetensors").write_bytes(b"garbage")
+    weights_file(tmp_path / "a").write_bytes(b"garbage")
     with pytest.raises(VidretError, match="damaged"):
         load_adapter(create_backbone("pocket-tiny", seed=0), tmp_path / "a")
 

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.train.test_loop import cfg_dict
+from vidret.adapters.io import weights_file
 
 pytestmark = pytest.mark.ddp
 
@@ -66,8 +67,8 @@ def test_two_process_gloo_matches_single_process(tiny_world: Path, tmp_path: Pat
     assert len(l1) == len(l2) == 2
     assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
     # and the trained adapters agree (the ranks themselves are checked bitwise in sync at the end of train())
-    a = load_file(str(tmp_path / "single/adapter/adapter.safetensors"))
-    b = load_file(str(tmp_path / "ddp/adapter/adapter.safetensors"))
+    a = load_file(str(weights_file(tmp_path / "single/adapter")))
+    b = load_file(str(weights_file(tmp_path / "ddp/adapter")))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

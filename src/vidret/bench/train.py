@@ -359,7 +359,7 @@ def measure_method(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
     Runs one counted step (FLOPs, syncs; it also allocates the optimiser state) and ``cfg.warmup + 1`` ordinary
     steps, so the peak covers a step with weights, gradients, optimiser state and activations all alive.
     """
-    from vidret.adapters.io import save_adapter
+    from vidret.adapters.io import save_adapter, weights_file
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -402,7 +402,7 @@ def measure_method(cfg: TrainBenchConfig, run: MethodRun) -> dict[str, Any]:
     # Written after the measurements: serialising a full model copy must not count as step memory.
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_adapter(b.model, Path(tmp) / "adapter")
-        out["adapter_file_bytes"] = (folder / "adapter.safetensors").stat().st_size
+        out["adapter_file_bytes"] = weights_file(folder).stat().st_size
         out["adapter_json_bytes"] = (folder / "adapter.json").stat().st_size
     return out
 
@@ -620,7 +620,7 @@ def run_storage_benchmark(backbone: str = "ViT-B-16", seed: int = 0) -> dict[str
     from safetensors.torch import save_file
 
     from vidret.adapters.base import backbone_state_dict, list_methods
-    from vidret.adapters.io import save_adapter
+    from vidret.adapters.io import save_adapter, weights_file
     from vidret.backbone.clip import create_backbone
     from vidret.model import build_model, parameter_report
 
@@ -647,7 +647,7 @@ def run_storage_benchmark(backbone: str = "ViT-B-16", seed: int = 0) -> dict[str
                     continue
                 folder = save_adapter(model, Path(tmp) / f"{method}-{preset}")
                 rep = parameter_report(model)
-                size = (folder / "adapter.safetensors").stat().st_size
+                size = weights_file(folder).stat().st_size
                 meta = (folder / "adapter.json").stat().st_size
                 rows.append(
                     {
