@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from vidret.adapters.io import weights_file
 from vidret.backbone.clip import create_backbone
 from vidret.data.manifest import read_manifest, write_manifest
 from vidret.errors import VidretError
@@ -61,7 +62,7 @@ def test_train_saves_adapter_logs_and_evaluates(tiny_world: Path, tmp_path: Path
     meta = json.loads((tmp_path / "run/adapter/adapter.json").read_text())
     assert meta["method"] == "mv_adapter" and meta["backbone"]["name"] == "pocket-tiny"
     # trained: the zero-initialised up-projections moved
-    state = load_file(str(tmp_path / "run/adapter/adapter.safetensors"))
+    state = load_file(str(weights_file(tmp_path / "run/adapter")))
     ups = [v for k, v in state.items() if "up" in k.lower() and k.endswith("weight")]
     assert ups and any(v.abs().sum() > 0 for v in ups)
     ev = res.eval
@@ -76,12 +77,12 @@ def test_train_saves_adapter_logs_and_evaluates(tiny_world: Path, tmp_path: Path
 def test_training_is_deterministic_for_a_seed(tiny_world: Path, tmp_path: Path) -> None:
     a = train(config_from_dict(cfg_dict(tiny_world, tmp_path / "a", epochs=1)), progress=False)
     b = train(config_from_dict(cfg_dict(tiny_world, tmp_path / "b", epochs=1)), progress=False)
-    sa = load_file(str(a.adapter_dir / "adapter.safetensors"))
-    sb = load_file(str(b.adapter_dir / "adapter.safetensors"))
+    sa = load_file(str(weights_file(a.adapter_dir)))
+    sb = load_file(str(weights_file(b.adapter_dir)))
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     c = train(config_from_dict(cfg_dict(tiny_world, tmp_path / "c", epochs=1, seed=7)), progress=False)
-    sc = load_file(str(c.adapter_dir / "adapter.safetensors"))
+    sc = load_file(str(weights_file(c.adapter_dir)))
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
@@ -108,15 +109,15 @@ def test_killed_run_resumes_to_the_same_result(tiny_world: Path, tmp_path: Path)
     killed = _run_cli(killed_cfg, env_extra={"VIDRET_KILL_AFTER_STEP": "3"})
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed/adapter").exists()
-    ckpt = torch.load(tmp_path / "killed/checkpoint.pt", weights_only=False)
+    ckpt = json.loads((tmp_path / "killed/checkpoint.json").read_text())
     assert ckpt["position"]["step"] == 3 and ckpt["position"]["step_in_epoch"] == 1
     # starting again without --resume refuses to overwrite
     again = _run_cli(killed_cfg)
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = _run_cli(killed_cfg, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(str(tmp_path / "full/adapter/adapter.safetensors"))
-    b = load_file(str(tmp_path / "killed/adapter/adapter.safetensors"))
+    a = load_file(str(weights_file(tmp_path / "full/adapter")))
+    b = load_file(str(weights_file(tmp_path / "killed/adapter")))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from vidret.procs import dataloader_worker_init, die_with_parent
+
 
 def make_clip(
     path: str | os.PathLike[str],
@@ -117,7 +119,12 @@ def _throughput(
 
     loaders = {
         name: DataLoader(
-            ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0
+            ds,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            persistent_workers=workers > 0,
+            worker_init_fn=dataloader_worker_init(),
         )
         for name, ds in datasets.items()
     }
@@ -211,7 +218,8 @@ def run_decode_benchmark(
         paths = [clip_dir / f"clip{i:04d}.mp4" for i in range(num_clips)]
         todo = [(p, i) for i, p in enumerate(paths) if not p.is_file()]
         if todo:
-            with ProcessPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            workers = min(len(todo), os.cpu_count() or 1)
+            with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 list(pool.map(_make_clip_job, [(p, clip_seconds, 1000 + i) for p, i in todo]))
         gen_s = time.perf_counter() - t0
         entries = [ManifestEntry(p.stem, str(p), (f"clip {p.stem}",)) for p in paths]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from vidret.errors import VidretError
+from vidret.procs import die_with_parent
 
 DataKind = Literal["random", "clustered"]
 
@@ -194,9 +195,11 @@ def _prepare(cfg: SearchBenchConfig, n: int, workdir: str) -> tuple[Any, dict[st
     return service, stats
 
 
-def _server_main(cfg_json: str, n: int, port: int, conn: Any) -> None:
+def _server_main(cfg_json: str, n: int, port: int, conn: Any, parent_pid: int) -> None:
     """Child process: build one size, report stats through ``conn``, serve until terminated."""
     import uvicorn
+
+    die_with_parent(parent_pid)  # a killed benchmark must not leave its server holding the port and the index
 
     from vidret.retrieval.service import create_app
 
@@ -367,7 +370,7 @@ def run_bench(cfg: SearchBenchConfig, log: Any = None) -> dict[str, Any]:
     for n in cfg.sizes:
         port = _free_port()
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_server_main, args=(cfg_json, n, port, child), daemon=True)
+        proc = ctx.Process(target=_server_main, args=(cfg_json, n, port, child, os.getpid()), daemon=True)
         log(f"[bench search] N={n}: building the index in a server process ...")
         proc.start()
         try:

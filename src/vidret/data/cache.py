@@ -39,6 +39,7 @@ from vidret.data.manifest import ManifestEntry
 from vidret.data.sampling import SamplingConfig, candidate_timestamps
 from vidret.data.transforms import resize_crop
 from vidret.errors import VidretError
+from vidret.procs import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -274,10 +275,11 @@ class CacheReport:
 _WORKER_CACHE: FrameCache | None = None  # set in each worker process by _init_worker
 
 
-def _init_worker(cache: FrameCache) -> None:
+def _init_worker(cache: FrameCache, parent_pid: int) -> None:
     global _WORKER_CACHE
     import torch
 
+    die_with_parent(parent_pid)  # a kill -9 of the parent must not leave workers blocked on the task queue
     torch.set_num_threads(1)  # one process per core already; resizes are small
     _WORKER_CACHE = cache
 
@@ -361,7 +363,7 @@ def preprocess(
 
             ctx = mp.get_context(mp_context) if mp_context else None
             with ProcessPoolExecutor(
-                max_workers=num_workers, mp_context=ctx, initializer=_init_worker, initargs=(cache,)
+                max_workers=num_workers, mp_context=ctx, initializer=_init_worker, initargs=(cache, os.getpid())
             ) as pool:
                 pending: dict[Future[tuple[str, str, int]], ManifestEntry] = {}
                 it = iter(entries)

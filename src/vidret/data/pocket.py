@@ -660,7 +660,9 @@ def _map(fn: Callable[[Any], Any], tasks: list[Any], workers: int) -> Iterator[A
         return
     # fork: workers need no re-import (torch may be loaded by the caller); spawn elsewhere
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
+    from vidret.procs import die_with_parent
+
+    with ctx.Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         yield from pool.imap(fn, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
 
 

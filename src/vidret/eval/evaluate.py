@@ -29,6 +29,7 @@ from vidret.errors import VidretError
 from vidret.eval import metrics as M
 from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel
+from vidret.procs import dataloader_worker_init
 
 
 def captions_for(entries: list[ManifestEntry], protocol: str) -> tuple[list[str], list[int]]:
@@ -90,7 +91,12 @@ def encode_videos(
     cache = FrameCache(data_cfg.cache_dir, sampling, data_cfg.image_size) if data_cfg.cache_dir else None
     ds = EvalVideoDataset(entries, sampling, cache=cache, image_size=data_cfg.image_size)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=data_cfg.num_workers
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=data_cfg.num_workers,
+        worker_init_fn=dataloader_worker_init(),  # workers die with this process, even on kill -9
     )
     T, E = data_cfg.num_frames, model.clip.config.embed_dim
     frames = torch.zeros(len(entries), T, E)

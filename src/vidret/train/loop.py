@@ -6,8 +6,9 @@
 Every rank sees the same deterministic order of videos for an epoch (seeded by (seed, epoch)); a global batch is
 split into ``grad_accum`` micro-batches and each micro-batch across ranks. Features are all-gathered so the
 contrastive loss sees the whole micro-batch's negatives; only rank 0 writes files. A checkpoint (trainable state,
-optimiser, position in the epoch, RNG) is written atomically every ``checkpoint_every`` steps and at each epoch
-end; ``resume=True`` continues from it and reaches the same result as an uninterrupted run.
+optimiser, position in the epoch, RNG; data only: safetensors + a JSON manifest) is written atomically every
+``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from it and reaches the same result as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,20 +16,25 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from vidret import atomic
 from vidret.adapters.io import adapter_state_dict, load_trainable_state, save_adapter
 from vidret.data.cache import FrameCache
 from vidret.data.dataset import TrainVideoDataset
@@ -38,13 +44,12 @@ from vidret.data.sampling import SamplingConfig
 from vidret.errors import VidretError
 from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel, build_model
+from vidret.procs import dataloader_worker_init
 from vidret.train import distributed as D
 from vidret.train.config import TrainConfig, save_config
 from vidret.train.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -173,52 +178,251 @@ class _Checkpoint:
     loss: float
 
 
+# A training checkpoint is data only, by construction (a shared out_dir may come from anyone):
+#   checkpoint-<sha256[:12]>.safetensors   every tensor: "trainable.<name>", "optimizer.<param index>.<key>",
+#                                          "rng.torch"
+#   checkpoint.json                        everything else (position, config, bad videos, optimiser param groups
+#                                          and scalar state, numpy / python RNG state) and the data file's sha256
+# The manifest is replaced last (vidret.atomic), so a kill at any point leaves a loadable checkpoint.
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_STEM = "checkpoint"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled, by earlier versions; never read (unpickling can run code)
+CHECKPOINT_FORMAT = "vidret-train-checkpoint"
+CHECKPOINT_VERSION = 1
+_DATA_NAME = re.compile(rf"{CHECKPOINT_STEM}-[0-9a-f]{{{atomic.HASH_CHARS}}}\.safetensors")
+_CONFIG_KEYS = ("backbone", "method", "preset", "method_options", "global_batch", "grad_accum", "seed")
+
+
 def save_checkpoint(
-    path: Path,
+    out_dir: Path,
     model: VideoTextModel,
     opt: torch.optim.Optimizer,
     pos: _Checkpoint,
     cfg: TrainConfig,
     bad: list[list[str]],
 ) -> None:
-    """Atomic: a kill during the write leaves the previous checkpoint intact."""
-    state = {
-        "trainable": adapter_state_dict(model),
-        "optimizer": opt.state_dict(),
-        "position": pos.__dict__,
-        "config": cfg.to_dict(),
-        "bad_videos": bad,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+    """Write the checkpoint into ``out_dir``; a kill during the write leaves the previous one loadable."""
+    opt_state = opt.state_dict()
+    tensors = {f"trainable.{k}": v for k, v in adapter_state_dict(model).items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in opt_state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    payload = save_tensors(tensors)
+
+    def write(f: IO[bytes]) -> None:
+        f.write(payload)
+
+    name, digest = atomic.write_content_named(out_dir, CHECKPOINT_STEM, ".safetensors", write)
+    loss = pos.loss if math.isfinite(pos.loss) else None  # JSON has no NaN
+    atomic.replace_json(
+        out_dir / CHECKPOINT,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "data": {"file": name, "sha256": digest},
+            "position": {**pos.__dict__, "loss": loss},
+            "config": cfg.to_dict(),
+            "bad_videos": bad,
+            "optimizer": {
+                "param_groups": [
+                    {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in opt_state["param_groups"]
+                ],
+                "state": scalars,
+            },
+            "rng": {
+                "numpy": [np_kind, np.asarray(np_keys).tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+                "python": [py_version, list(py_internal), py_gauss],
+            },
         },
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    )
+    atomic.remove_unreferenced(out_dir, [CHECKPOINT_STEM], keep=[name])
+    atomic.sweep_temporaries(out_dir)
 
 
 def load_checkpoint(
-    path: Path, model: VideoTextModel, opt: torch.optim.Optimizer, cfg: TrainConfig
+    out_dir: Path, model: VideoTextModel, opt: torch.optim.Optimizer, cfg: TrainConfig
 ) -> tuple[_Checkpoint, list[str]]:
+    """Restore model trainables, optimiser and RNG from ``out_dir``'s checkpoint; returns (position, bad videos).
+
+    Raises:
+        VidretError: the checkpoint is damaged or malformed, or was written with a different config.
+    """
+    path = out_dir / CHECKPOINT
+    fix = f"delete {path} and the {CHECKPOINT_STEM}-*.safetensors beside it to start over"
+
+    def bad_file(why: str) -> VidretError:
+        return VidretError(f"cannot read checkpoint {path}: {why}; {fix}")
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a damaged file is the user's to delete, with a clear message
-        raise VidretError(f"cannot read checkpoint {path} ({e}); delete it to start over") from e
-    saved = state["config"]
-    for key in ("backbone", "method", "preset", "method_options", "global_batch", "grad_accum", "seed"):
-        if saved.get(key) != cfg.to_dict().get(key):
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise bad_file(str(e)) from e
+    try:
+        _check_manifest(meta)
+    except KeyError as e:
+        raise bad_file(f"malformed manifest (no field {e})") from e
+    except (TypeError, ValueError) as e:
+        raise bad_file(f"malformed manifest ({e})") from e
+    if meta["format"] != CHECKPOINT_FORMAT or meta["version"] != CHECKPOINT_VERSION:
+        raise bad_file(f"unsupported format {meta['format']!r} version {meta['version']!r}")
+    saved = meta["config"]
+    current = json.loads(json.dumps(cfg.to_dict()))  # compare as the manifest stores it (tuples are lists)
+    for key in _CONFIG_KEYS:
+        if saved.get(key) != current.get(key):
             raise VidretError(
                 f"checkpoint {path} was written with {key}={saved.get(key)!r} but the config says "
-                f"{cfg.to_dict().get(key)!r}; resume with the same config or use another out_dir"
+                f"{current.get(key)!r}; resume with the same config or use another out_dir"
             )
-    load_trainable_state(model, state["trainable"], source=str(path))
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return _Checkpoint(**state["position"]), list(state.get("bad_videos", []))
+    data = out_dir / meta["data"]["file"]
+    try:
+        digest = atomic.sha256_file(data)
+    except OSError as e:
+        raise bad_file(f"its data file cannot be read ({e})") from e
+    if digest != meta["data"]["sha256"]:
+        raise bad_file(f"{data.name} does not match its sha256 (damaged or replaced)")
+    try:
+        tensors = load_tensors(str(data))  # safetensors: data only, whatever the file holds
+    except Exception as e:  # safetensors raises its own error types for a malformed file
+        raise bad_file(f"{data.name} is not a valid safetensors file ({e})") from e
+
+    trainable = {k[len("trainable.") :]: v for k, v in tensors.items() if k.startswith("trainable.")}
+    load_trainable_state(model, trainable, source=f"checkpoint {path}")
+    try:
+        opt.load_state_dict(_optimizer_state(opt, meta["optimizer"], tensors))
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad_file(f"its optimiser state does not fit this run ({e})") from e
+    try:
+        torch.set_rng_state(tensors["rng.torch"])
+        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = meta["rng"]["numpy"]
+        np.random.set_state((np_kind, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+        py_version, py_internal, py_gauss = meta["rng"]["python"]
+        random.setstate((py_version, tuple(py_internal), py_gauss))
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
+        raise bad_file(f"invalid RNG state ({e})") from e
+    p = meta["position"]
+    loss = float("nan") if p["loss"] is None else float(p["loss"])
+    return _Checkpoint(p["step"], p["epoch"], p["step_in_epoch"], loss), list(meta["bad_videos"])
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_manifest(meta: Any) -> None:
+    """Types of every field ``load_checkpoint`` uses (ValueError/KeyError/TypeError name the first bad one)."""
+    _expect(isinstance(meta, dict), f"a JSON object expected, got {type(meta).__name__}")
+    _expect(isinstance(meta["format"], str) and _is_int(meta["version"]), "format / version")
+    data = meta["data"]
+    _expect(
+        isinstance(data, dict) and isinstance(data["file"], str) and _DATA_NAME.fullmatch(data["file"]) is not None,
+        f"data.file must name a {CHECKPOINT_STEM}-<hash>.safetensors file in the run folder",
+    )
+    _expect(isinstance(data["sha256"], str), "data.sha256")
+    pos = meta["position"]
+    _expect(isinstance(pos, dict) and set(pos) == {"step", "epoch", "step_in_epoch", "loss"}, "position keys")
+    _expect(all(_is_int(pos[k]) and pos[k] >= 0 for k in ("step", "epoch", "step_in_epoch")), "position values")
+    _expect(pos["loss"] is None or _is_number(pos["loss"]), "position.loss")
+    _expect(isinstance(meta["config"], dict), "config")
+    bad = meta["bad_videos"]
+    _expect(
+        isinstance(bad, list)
+        and all(isinstance(b, list) and len(b) == 3 and all(isinstance(x, str) for x in b) for b in bad),
+        "bad_videos must be [video_id, path, reason] lists",
+    )
+    o = meta["optimizer"]
+    _expect(isinstance(o, dict) and isinstance(o["param_groups"], list) and isinstance(o["state"], dict), "optimizer")
+    _expect(all(isinstance(g, dict) for g in o["param_groups"]), "optimizer.param_groups")
+    rng = meta["rng"]
+    _expect(isinstance(rng, dict) and isinstance(rng["numpy"], list) and len(rng["numpy"]) == 5, "rng.numpy")
+    _expect(isinstance(rng["python"], list) and len(rng["python"]) == 3, "rng.python")
+    version, internal, gauss = rng["python"]
+    _expect(_is_int(version) and (gauss is None or _is_number(gauss)), "rng.python")
+    _expect(isinstance(internal, list) and all(_is_int(x) for x in internal), "rng.python state")
+    kind, keys, *rest = rng["numpy"]
+    _expect(isinstance(kind, str) and all(_is_number(x) for x in rest), "rng.numpy")
+    _expect(isinstance(keys, list) and all(_is_int(x) and 0 <= x < 2**32 for x in keys), "rng.numpy keys")
+
+
+def _optimizer_state(opt: torch.optim.Optimizer, saved: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Rebuild ``opt.state_dict()`` from the manifest's groups and scalar state and the data file's tensors.
+
+    Checked against ``opt`` itself (group sizes, value types, per-parameter tensor shapes) so that a crafted
+    checkpoint fails here, not as a traceback inside ``opt.step()``.
+    """
+    groups = opt.param_groups
+    params = [p for g in groups for p in g["params"]]
+    _expect(
+        len(saved["param_groups"]) == len(groups),
+        f"{len(saved['param_groups'])} parameter groups, expected {len(groups)}",
+    )
+    param_groups = []
+    for i, (g_saved, g_now) in enumerate(zip(saved["param_groups"], groups)):
+        ids = g_saved["params"]
+        _expect(isinstance(ids, list) and len(ids) == len(g_now["params"]), f"group {i}: parameter count")
+        _expect(all(_is_int(x) and 0 <= x < len(params) for x in ids), f"group {i}: parameter indices")
+        g: dict[str, Any] = {"params": ids}
+        for key, value in g_saved.items():
+            if key == "params":
+                continue
+            now = g_now.get(key)
+            if isinstance(now, tuple):  # e.g. betas: JSON stores a list
+                _expect(isinstance(value, list) and len(value) == len(now) and all(map(_is_number, value)), key)
+                value = tuple(value)
+            elif isinstance(now, (bool, str)):
+                _expect(value is None or type(value) is type(now), f"group {i}: {key}")
+            elif _is_number(now):
+                _expect(_is_number(value) and math.isfinite(value), f"group {i}: {key}")
+            else:  # None (e.g. foreach) or a key this optimiser does not have: plain JSON scalars only
+                _expect(now is None, f"group {i}: {key}")
+                _expect(value is None or isinstance(value, (bool, int, float, str)), f"group {i}: {key}")
+            g[key] = value
+        param_groups.append(g)
+    all_ids_in_order = [pid for g in param_groups for pid in g["params"]]
+    _expect(sorted(all_ids_in_order) == list(range(len(params))), "parameter indices must number each parameter once")
+    state: dict[int, dict[str, Any]] = {}
+    for idx, values in saved["state"].items():
+        _expect(isinstance(values, dict), "optimizer.state")
+        _expect(all(v is None or isinstance(v, (bool, int, float)) for v in values.values()), "optimizer.state")
+        state.setdefault(int(idx), {}).update(values)
+    for name, t in tensors.items():
+        if name.startswith("optimizer."):
+            idx, key = name[len("optimizer.") :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = t
+    group_of = {pid: gi for gi, g in enumerate(param_groups) for pid in g["params"]}
+    param_of = dict(zip(all_ids_in_order, params))  # how load_state_dict pairs saved indices with parameters
+    for idx, per_param in state.items():
+        _expect(idx in group_of, f"state of parameter {idx}: no such parameter")
+        required: set[str] = set()
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):  # what AdamW.step() reads without checking
+            required = {"step", "exp_avg", "exp_avg_sq"} | (
+                {"max_exp_avg_sq"} if groups[group_of[idx]].get("amsgrad") else set()
+            )
+        _expect(required <= set(per_param), f"state of parameter {idx}: missing {sorted(required - set(per_param))}")
+        for key, t in per_param.items():
+            if not isinstance(t, Tensor):
+                continue
+            shape = () if key == "step" else tuple(param_of[idx].shape)
+            _expect(
+                tuple(t.shape) == shape,
+                f"state {key!r} of parameter {idx} has shape {tuple(t.shape)}, expected {shape}",
+            )
+    return {"state": state, "param_groups": param_groups}
 
 
 class _MetricsLog:
@@ -262,6 +466,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume and ckpt_path.exists():
             raise VidretError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another out_dir")
+        if not resume and (out_dir / LEGACY_CHECKPOINT).exists():
+            raise VidretError(
+                f"{out_dir / LEGACY_CHECKPOINT} holds a run of an earlier vidret version: choose another out_dir, "
+                "or delete that file to train into this one"
+            )
         save_config(cfg, out_dir / "config.yaml")
 
     # --- data: read everything that can fail before building the model
@@ -310,8 +519,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
     pos = _Checkpoint(step=0, epoch=0, step_in_epoch=0, loss=float("nan"))
     bad = BadVideoReport(total=len(entries))
+    if resume and not ckpt_path.exists() and (out_dir / LEGACY_CHECKPOINT).exists():
+        raise VidretError(
+            f"{out_dir / LEGACY_CHECKPOINT} is a pickled checkpoint of an earlier vidret version; pickled "
+            "checkpoints are no longer read (loading one can run any code it holds). Retrain: delete it, or "
+            "choose another out_dir"
+        )
     if resume and ckpt_path.exists():
-        pos, bad_items = load_checkpoint(ckpt_path, model, opt, cfg)
+        pos, bad_items = load_checkpoint(out_dir, model, opt, cfg)
         bad.items = [tuple(x) for x in bad_items]  # type: ignore[misc]
         log.info(
             "resumed from %s at step %d (epoch %d, step %d in epoch)", ckpt_path, pos.step, pos.epoch, pos.step_in_epoch
@@ -353,6 +568,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             batch_sampler=micro_lists,
             collate_fn=train_collate,
             num_workers=cfg.data.num_workers,
+            worker_init_fn=dataloader_worker_init(),  # workers die with this process, even on kill -9
             persistent_workers=False,
             pin_memory=device.type == "cuda",
         )
@@ -409,7 +625,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                     float(loss_sum.item()),
                 )
                 if info.is_main:
-                    save_checkpoint(ckpt_path, model, opt, nxt, cfg, [list(x) for x in bad.items])
+                    save_checkpoint(out_dir, model, opt, nxt, cfg, [list(x) for x in bad.items])
                 D.barrier(info)
             if kill_after and step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
