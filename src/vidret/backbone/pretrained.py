@@ -9,13 +9,12 @@
 * an HF ``CLIPModel`` directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, sharded
   or not).
 
-Safety: ``torch.load`` always runs with ``weights_only=True``, which refuses any pickle that would
-construct arbitrary Python objects. OpenAI publishes TorchScript archives, which ``weights_only`` cannot
-read; those go through ``torch.jit.load(map_location="cpu").state_dict()``. That deserialises TorchScript
-(its own restricted pickle format and TorchScript IR, not arbitrary Python) and we only read the
-parameters, never call the scripted methods. Scripted ``__setstate__`` methods, if an archive had any,
-would still run inside the TorchScript interpreter, so for files of unknown origin prefer safetensors:
-``vidret backbone convert`` turns any supported file into one.
+Safety: no file is ever unpickled with code. ``torch.load`` always runs with ``weights_only=True``, which
+refuses any pickle that would construct arbitrary Python objects. OpenAI publishes TorchScript archives,
+which ``weights_only`` cannot read; TorchScript itself is never used to load them (its loader would run
+scripted ``__setstate__`` methods, which can write files). :func:`vidret.safe_pickle.torchscript_state_dict`
+reads them as data instead: the zip's ``data.pkl`` through a restricted unpickler, tensors from its
+``data/`` entries, giving the state dict TorchScript's ``state_dict()`` would give.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import os
 import time
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ from vidret.backbone.convert import (
     unwrap,
 )
 from vidret.errors import VidretError
+from vidret.safe_pickle import torchscript_state_dict
 
 __all__ = [
     "PRETRAINED",
@@ -374,13 +373,7 @@ def _read_torch_file(path: Path) -> tuple[FileFormat, Any]:
             raise _corrupt(path, e) from e
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             # A TorchScript archive (OpenAI's published format): weights_only cannot read it. See module doc.
-            try:
-                with warnings.catch_warnings():  # torch 2.x flags torch.jit as deprecated; it is the only reader
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    archive = torch.jit.load(str(path), map_location="cpu")
-                return "torchscript", dict(archive.state_dict())
-            except Exception as e:
-                raise _corrupt(path, e) from e
+            return "torchscript", torchscript_state_dict(path)
         return "torch", _torch_load(path, mmap=True)
     if kind == "pickle":
         return "torch", _torch_load(path, mmap=False)

@@ -218,8 +218,8 @@ def run_decode_benchmark(
         paths = [clip_dir / f"clip{i:04d}.mp4" for i in range(num_clips)]
         todo = [(p, i) for i, p in enumerate(paths) if not p.is_file()]
         if todo:
-            workers = min(len(todo), os.cpu_count() or 1)
-            with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+            n_proc = min(len(todo), os.cpu_count() or 1)
+            with ProcessPoolExecutor(max_workers=n_proc, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 list(pool.map(_make_clip_job, [(p, clip_seconds, 1000 + i) for p, i in todo]))
         gen_s = time.perf_counter() - t0
         entries = [ManifestEntry(p.stem, str(p), (f"clip {p.stem}",)) for p in paths]

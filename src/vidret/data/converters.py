@@ -3,7 +3,7 @@
 One reader per benchmark (the CLIP4Clip-style layouts of ``DATA.md``) plus a generic CSV/TSV reader.
 Each returns per-split lists of :class:`ManifestEntry` and a :class:`ConversionReport` that accounts
 for every caption row: ``rows_read == rows_kept + rows dropped`` (missing video file, empty caption,
-duplicate). A malformed row raises :class:`VidretError` naming the file and line (JSON: the line of
+duplicate, caption too long). A malformed row raises :class:`VidretError` naming the file and line (JSON: the line of
 the offending record). :func:`convert` writes ``<out>/<split>.jsonl`` and ``conversion_report.json``.
 
 What counts as a *duplicate* depends on the benchmark's caption shape:
@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -29,14 +28,21 @@ from typing import Any, Literal, get_args
 
 from vidret.data.manifest import ManifestEntry, write_manifest
 from vidret.errors import VidretError
+from vidret.safe_pickle import load_plain_pickle
 
 logger = logging.getLogger(__name__)
 
 DatasetName = Literal["msrvtt", "msvd", "lsmdc", "didemo", "activitynet", "vatex", "generic"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".webm", ".mkv", ".mov")  # preference order
-DropReason = Literal["missing video file", "empty caption", "duplicate", "no captions"]
+DropReason = Literal["missing video file", "empty caption", "duplicate", "no captions", "caption too long"]
 REPORT_NAME = "conversion_report.json"
+# CLIP reads 77 tokens; a caption past this many characters is junk (or an attack on memory): its row is
+# dropped as "caption too long", the rest of the file still converts.
+MAX_CAPTION_CHARS = 10_000
+# csv's default field limit (131,072) would abort a whole file at one long caption; fields up to this many
+# characters are read (and over-long captions then dropped), a longer field fails naming its line.
+CSV_FIELD_LIMIT = 16 << 20
 
 # (split, video_id) -> (path, start, end), or None when no video file exists for it
 _Resolver = Callable[[str, str], "tuple[str, float | None, float | None] | None"]
@@ -152,6 +158,9 @@ class _Split:
             v = self.videos[video_id] = _Video(video_id, str(where))
         self.rows_read += 1
         v.rows += 1
+        if len(caption) > MAX_CAPTION_CHARS:  # checked first: no splitting/joining of a huge string
+            self.dropped.append(DroppedRow(self.name, video_id, "caption too long", str(where)))
+            return
         text = " ".join(caption.split())  # newlines / tabs / runs of spaces inside a caption mean nothing
         key = (text, extra_key)
         if not text:
@@ -401,19 +410,29 @@ def _check_spans(doc: _JsonDoc, keys: tuple[str | int, ...], spans: Any, what: s
             _number(doc, (*keys, j, k), t, f"{what}[{j}]")
 
 
+def _next_row(reader: Iterator[list[str]]) -> list[str] | None:
+    """The next row, read with the field limit raised to CSV_FIELD_LIMIT (csv's limit is process-wide: it is
+    restored before returning, so the generator never leaves it changed while suspended)."""
+    old = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        return next(reader, None)
+    finally:
+        csv.field_size_limit(old)
+
+
 def _read_table(path: Path, delimiter: str, required: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
     """Rows of a delimited file with a header, as ``("file:line", {column: value})``."""
     sep = "tab" if delimiter == "\t" else repr(delimiter)
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
-            header = [h.strip() for h in next(reader, [])]
+            header = [h.strip() for h in _next_row(reader) or []]
             if not header:
                 raise VidretError(f"{path}: empty file; expected a header line with columns {list(required)}")
             missing = [c for c in required if c not in header]
             if missing:
                 raise VidretError(f"{path}:1: missing column(s) {missing} in the header {header} ({sep}-separated)")
-            for row in reader:
+            while (row := _next_row(reader)) is not None:
                 where = f"{path}:{reader.line_num}"
                 if not any(c.strip() for c in row):
                     continue
@@ -423,6 +442,11 @@ def _read_table(path: Path, delimiter: str, required: Sequence[str]) -> Iterator
                     )
                 yield where, dict(zip(header, row))
         except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                raise VidretError(
+                    f"{path}:{reader.line_num}: a field is longer than {CSV_FIELD_LIMIT} characters; captions "
+                    f"are at most {MAX_CAPTION_CHARS} (check the quoting: an unclosed quote swallows the file)"
+                ) from e
             raise VidretError(f"{path}:{reader.line_num}: malformed row ({e})") from e
         except UnicodeDecodeError as e:
             raise VidretError(f"{path}: not UTF-8 text ({e})") from e
@@ -489,11 +513,8 @@ def _read_msvd(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
     pkl = ann / "raw-captions.pkl"
     if not pkl.is_file():
         raise VidretError(f"{pkl} not found: MSVD captions come from it")
-    try:
-        with pkl.open("rb") as f:
-            captions = pickle.load(f)
-    except Exception as e:  # a truncated or foreign pickle can raise almost anything
-        raise VidretError(f"{pkl}: cannot read the pickle ({type(e).__name__}: {e}); re-download it") from e
+    # Restricted: plain containers and str only; a pickle naming any Python global is refused, never run.
+    captions = load_plain_pickle(pkl, "a dict of video id -> caption lists")
     if not isinstance(captions, dict):
         raise VidretError(f"{pkl}: expected a dict video id -> captions, got {type(captions).__name__}")
     for name in lists:

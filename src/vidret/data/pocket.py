@@ -646,7 +646,7 @@ def _pretrain_task(args: tuple[PocketConfig, str, int, int]) -> list[dict[str, A
             for o, z, (r, c) in zip(objs, sizes, cells)
         ]
         recs.append({"image": i, "caption": caption, "objects": objects})
-    arr = np.load(npy, mmap_mode="r+")
+    arr = np.load(npy, mmap_mode="r+", allow_pickle=False)
     arr[lo:hi] = buf
     arr.flush()
     del arr
@@ -830,7 +830,7 @@ def load_pretrain_set(out_dir: str | os.PathLike[str]) -> PretrainSet:
     """The pretraining images (uint8 ``[N, H, W, 3]``, memory-mapped, read-only) and their captions."""
     root = Path(out_dir)
     files = _require_world(root).get("files", {})
-    images = np.load(root / files.get("pretrain_images", "pretrain_images.npy"), mmap_mode="r")
+    images = np.load(root / files.get("pretrain_images", "pretrain_images.npy"), mmap_mode="r", allow_pickle=False)
     captions: list[str] = []
     with (root / files.get("pretrain_manifest", "pretrain.jsonl")).open(encoding="utf-8") as f:
         for line in f:
