@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,11 +134,16 @@ def test_serve_command_builds_the_app_on_loopback(
     from fastapi.testclient import TestClient
 
     seen: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    assert main(["serve", f"colours={built_index}", "--port", "8765"]) == 0
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8765)  # loopback unless asked otherwise
+
+    def fake_run(self: Any, sockets: list | None = None) -> None:  # the bound socket, without serving on it
+        seen.update(app=self.config.app, sockname=sockets[0].getsockname() if sockets else None)
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    assert main(["serve", f"colours={built_index}", "--port", "0"]) == 0
+    host, port = seen["sockname"]
+    assert host == "127.0.0.1" and port > 0  # loopback unless asked otherwise
     assert "colours (8 videos)" in capsys.readouterr().out
-    with TestClient(seen["app"]) as c:
+    with TestClient(seen["app"], base_url="http://localhost") as c:
         assert c.get("/search", params={"q": "red", "k": 3}).json()["index"] == "colours"
     assert main(["serve", str(built_index.parent / "missing")]) == 2
     assert "not a vidret index" in capsys.readouterr().err

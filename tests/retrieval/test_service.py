@@ -54,7 +54,9 @@ def client(attack_setup: dict[str, Any], msrvtt_or_none: Path | None):
     if msrvtt_or_none is not None:
         specs.append(f"msr={msrvtt_or_none}")
     service = open_service(specs)
-    with TestClient(create_app(service)) as c:  # raise_server_exceptions: a 500 fails the test loudly
+    with TestClient(
+        create_app(service), base_url="http://localhost"
+    ) as c:  # raise_server_exceptions: a 500 fails the test loudly
         yield c
 
 
@@ -104,9 +106,9 @@ def raw_request(
         "raw_path": path.encode("utf-8", "surrogateescape"),
         "root_path": "",
         "query_string": query,
-        "headers": [(b"host", b"testserver"), *headers],
+        "headers": [(b"host", b"localhost"), *headers],
         "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
+        "server": ("localhost", 80),
     }
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
@@ -325,7 +327,7 @@ def test_file_swapped_for_a_symlink_after_indexing_is_refused(tmp_path: Path, lo
     (videos / "green.mp4").unlink()
     os.symlink(secret, videos / "green.mp4")
     shutil.copy(secret, videos / "red.mp4")  # same path, other content
-    with TestClient(create_app(open_service([f"ix={tmp_path / 'ix'}"]))) as c:
+    with TestClient(create_app(open_service([f"ix={tmp_path / 'ix'}"])), base_url="http://localhost") as c:
         for vid in ("green", "red"):
             assert_json_error(c.get(f"/videos/ix/{vid}"), 409)
             assert_json_error(c.get(f"/thumbnails/ix/{vid}"), 409)
@@ -392,7 +394,7 @@ def test_text_conditioned_collection_beside_a_pooled_one(
         model, collection_dir, tmp_path / "tc-ix", settings=settings, backbone_spec=BACKBONE, adapter_path=str(ad)
     )
     service = open_service([f"pooled={attack_setup['index']}", f"frames={tmp_path / 'tc-ix'}"])
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), base_url="http://localhost") as c:
         kinds = {i["name"]: i["kind"] for i in c.get("/indexes").json()["indexes"]}
         assert kinds == {"pooled": "pooled", "frames": "frames"}
         r = c.post("/search", json={"query": "a blue square", "index": "frames", "k": 5})
