@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add(sub, "train", cmd_train, "train a method from a config file; key=value overrides (e.g. optim.lr=1e-4)")
     s.add_argument("config", help="YAML experiment file (configs/...)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
-    s.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    s.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.json")
     s.add_argument("--no-progress", action="store_true")
 
     s = add(sub, "eval", cmd_eval, "evaluate an adapter on a manifest: T2V/V2T R@1/5/10, MdR, MnR")
@@ -422,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nprobe", type=int, default=None, help="FAISS lists probed per query")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int, default=None, help="torch/FAISS threads (default: one per core)")
+    s.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (repeatable; '*': any). Always answered: localhost, "
+        "127.0.0.1, ::1 and --host; other Hosts get 400 (DNS rebinding)",
+    )
+    s.add_argument(
+        "--media-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="serve video files only from inside DIR (repeatable); replaces the collection folder each index "
+        "recorded when it was built, and is needed for indexes that recorded none",
+    )
     return p
 
 

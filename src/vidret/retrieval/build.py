@@ -86,13 +86,13 @@ def collect_videos(folder: str | os.PathLike[str]) -> tuple[list[ManifestEntry],
     inside the folder.
 
     Returns:
-        (entries with absolute paths, skipped as (video_id, path, reason)).
+        (entries with absolute paths under the folder's real path, which becomes the index's collection root;
+        skipped as (video_id, path, reason)).
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise VidretError(f"videos folder not found: {root}")
-    root = root.absolute()
-    real_root = os.path.realpath(root)
+    if not Path(folder).is_dir():
+        raise VidretError(f"videos folder not found: {folder}")
+    real_root = os.path.realpath(folder)
+    root = Path(real_root)
     entries: list[ManifestEntry] = []
     skipped: list[tuple[str, str, str]] = []
     seen: set[str] = set()
@@ -118,7 +118,7 @@ def _entries_from(source: str | os.PathLike[str] | Sequence[ManifestEntry]) -> t
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir():
-            return collect_videos(p)
+            return collect_videos(p)  # every path under the folder's real path: the index's root
         if p.is_file():
             entries = read_manifest(p)
             return [ManifestEntry(e.video_id, os.path.abspath(e.path), e.captions, e.start, e.end) for e in entries], []
@@ -128,6 +128,37 @@ def _entries_from(source: str | os.PathLike[str] | Sequence[ManifestEntry]) -> t
     if len(set(ids)) != len(ids):
         raise VidretError("video ids must be unique")
     return [ManifestEntry(e.video_id, os.path.abspath(e.path), e.captions, e.start, e.end) for e in entries], []
+
+
+def _collection_root(records: list[VideoRecord], folder_root: str, old: VideoIndex | None, out: Path) -> str:
+    """The root every record's file must lie in: the videos folder's real path, else the files' common parent.
+
+    An update keeps the root of the index it updates (refusing files outside it); an index written before
+    roots were recorded gets one now.
+    """
+    dirs = [os.path.dirname(p) for r in records for p in (r.path, r.real_path) if p]
+    root = folder_root or (os.path.commonpath(dirs) if dirs else "")
+    if old is None or not old.root:
+        return root
+    for r in records:
+        if r.path and not (_within(r.path, old.root) and _within(r.real_path, old.root)):
+            raise VidretError(
+                f"the index in {out} covers the videos under {old.root}, but {r.video_id!r} ({r.path}) is outside "
+                "it; update it from that folder (or a manifest of files under it), or build a new index with "
+                "another --out"
+            )
+    return old.root
+
+
+def _check_finite(feats: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+    bad = sorted(vid for vid, (v, _) in feats.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        shown = ", ".join(repr(v) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise VidretError(
+            f"the model gave NaN/Inf vectors for {len(bad)} of {len(feats)} videos ({shown}): its adapter or "
+            "backbone weights hold NaN/Inf (a damaged or diverged checkpoint); nothing was written: index with "
+            "another adapter"
+        )
 
 
 def _model_device(model: Any) -> torch.device:
@@ -203,6 +234,7 @@ def build_index(
         raise VidretError(f"image_size {settings.image_size} does not match the backbone's input size {image_size}")
 
     entries, skipped = _entries_from(source)
+    folder_root = os.path.realpath(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else ""
     report = IndexReport(path=str(out), total=len(entries) + len(skipped))
     report.bad = BadVideoReport(total=report.total)
     for vid, path, reason in skipped:
@@ -253,11 +285,13 @@ def build_index(
     if old is not None:
         report.removed = sum(1 for r in old.records if r.video_id not in records)
     report.kept = len(kept_rows)
+    root = _collection_root(list(records.values()), folder_root, old, out)
 
     new_feats = _encode_entries(
         model, todo, settings, cache_dir or out / "cache", batch_size, num_workers, report, progress
     )
     report.bad.check(max_bad_fraction)
+    _check_finite(new_feats)
 
     # Assemble rows in source order: kept rows from the old index, new rows from this run.
     order = [
@@ -291,10 +325,11 @@ def build_index(
             frames=torch.stack([r[0] for r in rows]),
             masks=torch.stack([r[1] for r in rows if r[1] is not None]),
             backend_name="exact",
+            root=root,
         )
     else:
         index = VideoIndex(
-            final, ident, settings, vectors=torch.stack([r[0] for r in rows]), backend_name=settings.backend
+            final, ident, settings, vectors=torch.stack([r[0] for r in rows]), backend_name=settings.backend, root=root
         )
     index.save(out)
     report.indexed = len(index)
@@ -324,8 +359,15 @@ def _encode_entries(
     )
     cache = FrameCache(cache_dir, sampling, settings.image_size)
     ds = EvalVideoDataset(entries, sampling, cache=cache, image_size=settings.image_size)
+    from vidret.procs import dataloader_worker_init
+
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+        worker_init_fn=dataloader_worker_init(),  # workers die with this process
     )
     device = _model_device(model)
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -395,28 +437,71 @@ def backbone_spec_for(spec: str) -> str:
     return os.path.abspath(spec)
 
 
-def resolve_backbone(backbone: str | None, adapter_meta: dict[str, Any], recorded: str = "") -> str:
-    """The backbone spec to use: explicit, else recorded in the index, else the adapter's ``backbone_source``."""
-    spec = backbone or recorded or adapter_meta.get("extra", {}).get("backbone_source") or ""
-    if not spec:
-        name = adapter_meta.get("backbone", {}).get("name", "?")
-        raise VidretError(f"which backbone? pass --backbone NAME|PATH (the adapter was trained on a {name!r} backbone)")
-    return str(spec)
+def loads_no_file(spec: str) -> bool:
+    """Whether a backbone spec read from a file may be followed without the user's say.
+
+    Only a pretrained name (downloaded from its pinned URL, sha256-checked) or ``random:<bundled config>``
+    qualifies; a path could name any local file, e.g. a TorchScript archive shipped with a shared index. A
+    name that is also a file here would be loaded as that file, so it does not qualify either.
+    """
+    from vidret.backbone.clip import list_configs
+    from vidret.backbone.pretrained import PRETRAINED
+
+    if spec.startswith("random:"):
+        return spec[len("random:") :] in list_configs()
+    return spec in PRETRAINED and not os.path.lexists(spec)
+
+
+def resolve_backbone(
+    backbone: str | None, adapter_meta: dict[str, Any], recorded: str = "", where: str = "the index"
+) -> str:
+    """The backbone spec to use: explicit, else recorded in the index, else the adapter's ``backbone_source``.
+
+    A recorded spec (index or adapter, both files a user may have been handed) is followed only when
+    :func:`loads_no_file`; a recorded path needs the user's explicit ``backbone``.
+
+    Args:
+        backbone: the user's ``--backbone`` (always followed).
+        adapter_meta: the adapter's ``adapter.json``.
+        recorded: the spec recorded in the index (``ModelIdentity.backbone_spec``).
+        where: names the index in messages, e.g. ``"index ./ix"``.
+    """
+    if backbone:
+        return str(backbone)
+    extra = adapter_meta.get("extra") if isinstance(adapter_meta, dict) else None
+    source = extra.get("backbone_source") if isinstance(extra, dict) else None
+    for spec, origin, verb in ((recorded, where, "built"), (source, "the adapter", "trained")):
+        if not spec or not isinstance(spec, str):
+            continue
+        if loads_no_file(spec):
+            return spec
+        raise VidretError(
+            f"{origin} was {verb} with backbone file {spec}; pass --backbone {spec} (or another copy) to load it "
+            "(a backbone file named by an index or adapter is never loaded on its own: it could run code)"
+        )
+    backbone_meta = adapter_meta.get("backbone") if isinstance(adapter_meta, dict) else None
+    name = backbone_meta.get("name", "?") if isinstance(backbone_meta, dict) else "?"
+    raise VidretError(f"which backbone? pass --backbone NAME|PATH (the adapter was trained on a {name!r} backbone)")
 
 
 def open_model_for_index(
     index: VideoIndex, backbone: str | None = None, adapter: str | None = None, device: str = "cpu"
 ) -> Any:
-    """Rebuild the model an index was built with (recorded adapter folder + backbone spec, or overrides)."""
+    """Rebuild the model an index was built with (recorded adapter folder + backbone spec, or overrides).
+
+    The recorded adapter folder is loaded as data only (``adapter.safetensors`` + ``adapter.json``); a
+    recorded backbone is followed only by pretrained name (see :func:`resolve_backbone`).
+    """
     from vidret.adapters.io import load_adapter, read_adapter
 
+    where = f"index {index.folder}" if index.folder else "the index"
     adapter_path = adapter or index.identity.adapter_path
     if not adapter_path:
-        raise VidretError("this index does not record its adapter folder; pass --adapter DIR")
+        raise VidretError(f"{where} does not record its adapter folder; pass --adapter DIR")
     if not Path(adapter_path).is_dir():
-        raise VidretError(f"adapter folder {adapter_path} (recorded in the index) is gone; pass --adapter DIR")
+        raise VidretError(f"adapter folder {adapter_path} (recorded in {where}) is gone; pass --adapter DIR")
     meta, _ = read_adapter(adapter_path)
-    spec = resolve_backbone(backbone, meta, index.identity.backbone_spec)
+    spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where)
     clip = load_backbone_spec(spec)
     model = load_adapter(clip, adapter_path)
     model.eval().to(device)
@@ -432,6 +517,7 @@ __all__ = [
     "collect_videos",
     "encode_video_file",
     "load_backbone_spec",
+    "loads_no_file",
     "open_model_for_index",
     "resolve_backbone",
     "video_query_vector",

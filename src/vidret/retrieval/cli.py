@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def run_index(args: argparse.Namespace) -> int:
     existing = read_index_meta(out) if args.update and (out / "index.json").exists() else None
     meta, _ = read_adapter(args.adapter)
     recorded = existing["model"].get("backbone_spec", "") if existing else ""
-    spec = backbone_spec_for(resolve_backbone(args.backbone, meta, recorded))
+    spec = backbone_spec_for(resolve_backbone(args.backbone, meta, recorded, where=f"index {out}"))
     clip = load_backbone_spec(spec)
     model = load_adapter(clip, args.adapter)
     model.eval().to(_device(getattr(args, "device", None)))
@@ -67,7 +68,7 @@ def run_index(args: argparse.Namespace) -> int:
         progress=True,
     )
     if getattr(args, "json", False):
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
         for vid, path, reason in report.bad.items:
             print(f"skipped {vid} ({path}): {reason}", file=sys.stderr)
@@ -82,7 +83,8 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'rank':>4}  {'score':>7}  {'video_id':<{width}}  {'dur':>6}  path"]
     for r in rows:
         dur = f"{r['duration']:.1f}s" if r.get("duration") is not None else "-"
-        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['video_id']:<{width}}  {dur:>6}  {r.get('path', '')}")
+        score = f"{r['score']:>7.4f}" if r["score"] is not None else f"{'-':>7}"
+        lines.append(f"{r['rank']:>4}  {score}  {r['video_id']:<{width}}  {dur:>6}  {r.get('path', '')}")
     return "\n".join(lines)
 
 
@@ -120,13 +122,14 @@ def run_search(args: argparse.Namespace) -> int:
             {
                 "rank": rank,
                 "video_id": rec.video_id,
-                "score": round(score, 6),
+                "score": round(score, 6) if math.isfinite(score) else None,  # JSON has no NaN/Inf
                 "duration": rec.duration,
                 "path": rec.path,
             }
         )
     if args.json:
-        print(json.dumps({"index": str(args.index), **query, "k": len(results), "results": results}, indent=2))
+        out = {"index": str(args.index), **query, "k": len(results), "results": results}
+        print(json.dumps(out, indent=2, allow_nan=False))
     else:
         print(_format_table(results))
     return 0
@@ -141,13 +144,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _allowed_hosts(bind_host: str, extra: list[str]) -> list[str]:
+    """Host header names served: the localhost names, the bound host unless a wildcard, and --allow-host."""
+    from vidret.retrieval.service import LOCAL_HOSTS
+
+    wildcard = bind_host.strip("[]") in ("", "0.0.0.0", "::")
+    return [*LOCAL_HOSTS, *([] if wildcard else [bind_host]), *extra]
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """``vidret serve [NAME=]INDEX... [--host 127.0.0.1 --port 8000]``."""
+    """``vidret serve [NAME=]INDEX... [--host 127.0.0.1 --port 8000 --allow-host NAME --media-root DIR]``."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise VidretError("serving needs the [serve] extra: pip install 'vidret[serve]'") from e
-    from vidret.retrieval.service import create_app, open_service, set_threads
+    from vidret.retrieval.service import bind_socket, create_app, make_server, open_service, set_threads
 
     threads = getattr(args, "threads", None)
     if threads:
@@ -158,14 +169,29 @@ def run_serve(args: argparse.Namespace) -> int:
         device=_device(getattr(args, "device", None) or "cpu"),
         backend=getattr(args, "backend", None),
         nprobe=getattr(args, "nprobe", None),
+        media_roots=list(getattr(args, "media_root", None) or []),
     )
-    if not _is_loopback(args.host):
-        logger.warning(
-            "listening on %s: the service has no authentication; anyone who can reach it can search", args.host
-        )
-    names = ", ".join(f"{c.name} ({len(c.index)} videos)" for c in service.collections.values())
-    print(f"serving {names} at http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    allowed = _allowed_hosts(args.host, list(getattr(args, "allow_host", None) or []))
+    try:
+        sock = bind_socket(args.host, args.port)  # before announcing: a busy port fails here, cleanly
+    except BaseException:
+        service.close()
+        raise
+    try:
+        port = sock.getsockname()[1]
+        if not _is_loopback(args.host):
+            logger.warning(
+                "listening on %s: the service has no authentication; anyone who can reach it can search. "
+                "Requests must name one of these hosts: %s (add more with --allow-host NAME)",
+                args.host,
+                ", ".join(allowed),
+            )
+        names = ", ".join(f"{c.name} ({len(c.index)} videos)" for c in service.collections.values())
+        url_host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {names} at http://{url_host}:{port}/ (API docs at /docs)", flush=True)
+        make_server(create_app(service, allowed_hosts=allowed)).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 

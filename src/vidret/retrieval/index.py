@@ -2,8 +2,9 @@
 
 An index folder holds::
 
-    index.json           format version, kind, backend, settings, model identity, file checksums
-    videos.jsonl         one line per row: video_id, path, real_path, duration, file identity, captions
+    index.json           format version, kind, backend, settings, model identity, collection root, checksums
+    videos-<h>.jsonl     one line per row: video_id, path, real_path, duration, file identity, captions
+                         (``videos.jsonl`` in indexes written before it was content-named; still read)
     features-<h>.npy     pooled:  [N, E] L2-normalised video vectors (float16 or float32)
                          frames:  [N, T, E] per-frame embeddings (text-conditioned heads)
     masks-<h>.npy        frames kind only: [N, T] bool, True = real frame
@@ -15,25 +16,34 @@ searched by inner product) and ``frames`` when it is text-conditioned (Cross-Mod
 depends on the query, so exact search runs ``model.similarity`` over video chunks). Data files carry a
 content hash in their name and ``index.json`` is replaced last, so an interrupted write leaves the previous
 index intact. Loading verifies SHA-256 checksums and refuses a model other than the one that built it.
+
+An index folder may come from a stranger, and its checksums live in the ``index.json`` they protect, so
+loading treats every file as untrusted data: ``index.json`` is schema-checked, the ``.npy`` headers are
+checked (dtype, shape against ``count``/``dim``) before the data is read, vectors must be finite, a FAISS
+file must agree with the index (size, dimension, ids in range), and every record with a file must lie
+inside the collection ``root`` recorded at build time and carry the file identity media routes check.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import IO, Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidret.atomic import remove_unreferenced, replace_json, sha256_file, sweep_temporaries, write_content_named
 from vidret.errors import VidretError
 from vidret.heads import VideoFeatures, masked_mean
 
@@ -41,7 +51,10 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
-VIDEOS_FILE = "videos.jsonl"
+LEGACY_VIDEOS_FILE = "videos.jsonl"  # the videos file of indexes written before it was content-named
+DATA_STEMS = ("features", "masks", "faiss", "videos")  # roles of the content-named data files
+_IDENTITY_RE = re.compile(r"[0-9]+:[0-9]+:[0-9a-f]{40}\Z")  # vidret.data.cache.file_identity: size:mtime_ns:sha1
+_SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 IndexKind = Literal["pooled", "frames"]
 Backend = Literal["exact", "faiss"]
@@ -81,18 +94,76 @@ class VideoRecord(NamedTuple):
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
-    def from_obj(cls, d: dict[str, Any]) -> VideoRecord:
-        duration, start, end = d.get("duration"), d.get("start"), d.get("end")
+    def from_obj(cls, d: Any) -> VideoRecord:
+        """A record from its parsed JSON line, every field's type checked.
+
+        Raises:
+            ValueError: a field is missing or of the wrong type (the caller names the file and the row).
+        """
+        # `type(v) in` rather than isinstance: JSON gives exact types, and bool must not pass for a number.
+        if type(d) is not dict:
+            raise ValueError(f"a row must be a JSON object, got {type(d).__name__}")
+        g = d.get
+        vid, path, real_path, identity = g("video_id"), g("path", ""), g("real_path", ""), g("identity", "")
+        if type(vid) is not str or not vid:
+            raise ValueError(f"video_id must be a non-empty string, got {vid!r}")
+        if not (type(path) is str and type(real_path) is str and type(identity) is str):
+            raise ValueError(f"video {vid!r}: path, real_path and identity must be strings")
+        duration, start, end, captions = g("duration"), g("start"), g("end"), g("captions", [])
+        for v in (duration, start, end):
+            if v is not None and (type(v) not in (float, int) or not math.isfinite(v)):
+                raise ValueError(f"video {vid!r}: duration, start and end must be finite numbers or null, got {v!r}")
+        if type(captions) is not list or not all(type(c) is str for c in captions):
+            raise ValueError(f"video {vid!r}: captions must be a list of strings")
         return cls(
-            str(d["video_id"]),
-            str(d.get("path", "")),
-            str(d.get("real_path", "")),
+            vid,
+            path,
+            real_path,
             None if duration is None else float(duration),
-            str(d.get("identity", "")),
+            identity,
             None if start is None else float(start),
             None if end is None else float(end),
-            tuple(str(c) for c in d.get("captions", ())),
+            tuple(captions),
         )
+
+
+def check_records(records: Iterable[VideoRecord], root: str, where: str = "the index") -> None:
+    """Refuse records a media route must never serve: files outside ``root``, files without an identity.
+
+    Every record that names a file needs both ``path`` and ``real_path`` (absolute, inside ``root`` unless
+    ``root`` is "" for an index written before roots were recorded) and the file identity media routes
+    compare before serving. Video ids must be unique.
+    """
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    escape = f"{os.sep}..{os.sep}"
+    seen: set[str] = set()
+    for r in records:
+        if r.video_id in seen:
+            raise VidretError(f"{where}: video id {r.video_id!r} appears twice; rebuild the index")
+        seen.add(r.video_id)
+        if not r.path and not r.real_path:
+            continue  # a synthetic row: nothing to serve
+        if not r.path or not r.real_path:
+            raise VidretError(
+                f"{where}: video {r.video_id!r} has path {r.path!r} but real_path {r.real_path!r} (both or neither); "
+                "rebuild the index"
+            )
+        for p in (r.path, r.real_path):
+            # Lexically inside the root: starts with "<root>/" and has no ".." component after it (the same as
+            # os.path.commonpath on normalised paths, without normalising a million paths on load).
+            inside = p.startswith(prefix) and escape not in p[len(prefix) - 1 :] + os.sep if root else os.path.isabs(p)
+            if not inside:
+                what = f"outside the collection root {root}" if root else "not an absolute path"
+                raise VidretError(
+                    f"{where}: video {r.video_id!r} points to {p}, {what}; refusing the index (crafted or "
+                    "hand-edited?); rebuild it with `vidret index` from the videos folder"
+                )
+        if not _IDENTITY_RE.match(r.identity):
+            raise VidretError(
+                f"{where}: video {r.video_id!r} names the file {r.real_path} without a valid file identity "
+                f"({r.identity!r}), so its media could not be checked against the file that was indexed; "
+                "rebuild the index with `vidret index`"
+            )
 
 
 @dataclass(frozen=True)
@@ -360,9 +431,72 @@ class FaissIndex:
     def save(self, path: str | os.PathLike[str]) -> None:
         _faiss().write_index(self._index, os.fspath(path))
 
+    def write_to(self, f: IO[bytes]) -> None:
+        """Serialise into an open binary file (streamed: no second in-memory copy of the index)."""
+        faiss = _faiss()
+        if hasattr(faiss, "PyCallbackIOWriter"):
+            writer = faiss.PyCallbackIOWriter(f.write)
+            faiss.write_index(self._index, writer)
+            del writer  # released before the caller closes the file
+        else:
+            f.write(faiss.serialize_index(self._index).tobytes())
+
     @classmethod
     def load(cls, path: str | os.PathLike[str], nprobe: int = 16) -> FaissIndex:
-        return cls.from_faiss(_faiss().read_index(os.fspath(path)), nprobe)
+        """Read a FAISS file; an unreadable or damaged one raises VidretError (never a FAISS traceback)."""
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(os.fspath(path))
+        except (RuntimeError, MemoryError, OSError) as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise VidretError(f"{path} is not a readable FAISS index ({reason[:300]}); rebuild the index") from e
+        if not isinstance(index, faiss.IndexIVFFlat):
+            raise VidretError(f"{path} holds a FAISS {type(index).__name__}, not the IVF-Flat index vidret writes")
+        return cls.from_faiss(index, nprobe)
+
+    def check(self, count: int, dim: int, where: str) -> None:
+        """Refuse a FAISS index that does not belong to an index of ``count`` vectors of size ``dim``.
+
+        A damaged or crafted file can read fine and still return row ids far outside the index (ids up to
+        3.6e18 were seen), so besides sizes every stored id is checked: each row in [0, count) exactly once.
+        """
+        faiss = _faiss()
+        ix = self._index
+
+        def fail(problem: str) -> VidretError:
+            return VidretError(f"{where}: the FAISS index {problem}; rebuild the index (or use --backend exact)")
+
+        if int(ix.d) != dim or int(ix.ntotal) != count:
+            raise fail(f"holds {ix.ntotal} vectors of size {ix.d}, but the index has {count} of size {dim}")
+        if int(ix.metric_type) != int(faiss.METRIC_INNER_PRODUCT) or not ix.is_trained:
+            raise fail("is not a trained inner-product index")
+        nlist = int(ix.nlist)
+        quantizer = ix.quantizer
+        if nlist < 1 or int(quantizer.ntotal) != nlist or int(quantizer.d) != dim:
+            raise fail(f"has {nlist} lists but a quantizer of {quantizer.ntotal} centroids of size {quantizer.d}")
+        direct_map = getattr(ix, "direct_map", None)
+        if direct_map is not None and int(direct_map.type) != 0:  # vidret never writes a direct map
+            raise fail("carries a direct map, which vidret never writes")
+        invlists = ix.invlists
+        if int(invlists.nlist) != nlist or int(invlists.code_size) != 4 * dim:
+            raise fail("has inverted lists of the wrong size")
+        seen = np.zeros(count, dtype=bool)
+        total = 0
+        for i in range(nlist):
+            n = int(invlists.list_size(i))
+            if n == 0:
+                continue
+            ptr = invlists.get_ids(i)
+            try:
+                ids = faiss.rev_swig_ptr(ptr, n).copy()
+            finally:
+                invlists.release_ids(i, ptr)
+            if int(ids.min()) < 0 or int(ids.max()) >= count:
+                raise fail(f"stores row ids in [{int(ids.min())}, {int(ids.max())}] (list {i}), outside [0, {count})")
+            seen[ids] = True
+            total += n
+        if total != count or not bool(seen.all()):
+            raise fail(f"does not store each of the {count} row ids exactly once")
 
 
 class FramesSearch:
@@ -411,12 +545,158 @@ def mean_pool(frames: Tensor, masks: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ the index
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _save_npy(f: IO[bytes], arr: np.ndarray) -> None:
+    np.save(f, arr, allow_pickle=False)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No NaN/Inf in ``t``, without an [N, ...] mask (512 MB for 1M x 512 vectors) and ~20x faster than one.
+
+    NaN and Inf survive a sum, so a finite sum settles it; a non-finite one (or a float32 overflow) is settled
+    by the extremes, which NaN also propagates to.
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin()))
+
+
+def _non_finite_rows(t: Tensor, limit: int = 5) -> list[int]:
+    bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1)
+    return bad.nonzero().flatten()[:limit].tolist()
+
+
+def _is_bare_name(v: Any) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and not any(c in v for c in ("/", "\\", "\0", os.sep))
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    """A schema-checked ``index.json``."""
+
+    kind: IndexKind
+    count: int  # rows (records = feature rows)
+    dim: int  # E, the vector size
+    backend: Backend  # the stored default backend
+    settings: IndexSettings
+    identity: ModelIdentity
+    files: dict[str, dict[str, str]]  # role -> {"file": bare name, "sha256": hex[, "nlist": str]}
+    root: str  # the collection root ("" = written before roots were recorded)
+
+
+_MODEL_REQUIRED = ("backbone_name", "backbone_fingerprint", "adapter_method", "adapter_fingerprint")
+_MODEL_OPTIONAL = ("backbone_spec", "adapter_path")
+
+
+def parse_index_meta(meta: Any, where: str | os.PathLike[str]) -> IndexMeta:
+    """Schema-check a parsed ``index.json``: one VidretError naming the first problem, never a KeyError.
+
+    Every field's type is checked; ``count``/``dim`` are ints >= 0; data file names are bare names inside the
+    index folder; ``root`` is "" or an absolute normalised path.
+    """
+
+    def fail(problem: str) -> VidretError:
+        return VidretError(f"{where} is not a valid vidret index: {problem}; rebuild the index with `vidret index`")
+
+    if not isinstance(meta, dict):
+        raise fail(f"it holds a JSON {type(meta).__name__}, not an object")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version != INDEX_FORMAT_VERSION:
+        raise VidretError(
+            f"{where}: index format version {version!r}, this vidret reads {INDEX_FORMAT_VERSION}; rebuild the "
+            "index with this version"
+        )
+    kind, backend = meta.get("kind"), meta.get("backend", "exact")
+    if not isinstance(kind, str) or kind not in ("pooled", "frames"):
+        raise fail(f"kind must be 'pooled' or 'frames', got {kind!r}")
+    if not isinstance(backend, str) or backend not in ("exact", "faiss"):
+        raise fail(f"backend must be 'exact' or 'faiss', got {backend!r}")
+    for key in ("count", "dim"):
+        if not _is_count(meta.get(key)):
+            raise fail(f"{key} must be an int >= 0, got {meta.get(key)!r}")
+    root = meta.get("root", "")
+    if not isinstance(root, str) or (root and (not os.path.isabs(root) or os.path.normpath(root) != root)):
+        raise fail(f"root must be an absolute, normalised folder path, got {root!r}")
+
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise fail(f"model must be an object, got {type(model).__name__}")
+    unknown = sorted(set(model) - set(_MODEL_REQUIRED) - set(_MODEL_OPTIONAL))
+    missing = [k for k in _MODEL_REQUIRED if k not in model]
+    if unknown or missing:
+        raise fail(f"model has unknown fields {unknown} or lacks {missing}")
+    wrong = [k for k, v in model.items() if not isinstance(v, str)]
+    if wrong:
+        raise fail(f"model fields {wrong} must be strings")
+
+    settings = meta.get("settings")
+    if not isinstance(settings, dict):
+        raise fail(f"settings must be an object, got {type(settings).__name__}")
+    try:
+        parsed_settings = IndexSettings.from_dict(settings)
+    except VidretError as e:
+        raise fail(str(e)) from e
+
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise fail(f"files must be an object, got {type(files).__name__}")
+    need = {"features", "videos"} | ({"masks"} if kind == "frames" else set())
+    allowed = need | ({"faiss"} if kind == "pooled" else set())
+    if not need <= set(files) <= allowed:
+        raise fail(f"a {kind} index names the data files {sorted(need)} (and optionally faiss), got {sorted(files)}")
+    for role, entry in files.items():
+        if not isinstance(entry, dict) or not set(entry) <= {"file", "sha256", "nlist"}:
+            raise fail(f"files.{role} must be an object with file and sha256, got {entry!r}")
+        if not _is_bare_name(entry.get("file")):
+            raise fail(f"files.{role}.file must be a bare file name inside the index folder, got {entry.get('file')!r}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256_RE.match(entry["sha256"]):
+            raise fail(f"files.{role}.sha256 must be 64 hex digits, got {entry.get('sha256')!r}")
+        if "nlist" in entry and not (isinstance(entry["nlist"], str) and entry["nlist"].isdigit()):
+            raise fail(f"files.{role}.nlist must be a string of digits, got {entry['nlist']!r}")
+    return IndexMeta(
+        kind=kind,  # type: ignore[arg-type]
+        count=meta["count"],
+        dim=meta["dim"],
+        backend=backend,  # type: ignore[arg-type]
+        settings=parsed_settings,
+        identity=ModelIdentity(**model),
+        files=files,
+        root=root,
+    )
+
+
+def _read_npy(
+    path: Path, role: str, dtypes: tuple[str, ...], shape_ok: Callable[[tuple[int, ...]], bool], want: str
+) -> np.ndarray:
+    """A ``.npy`` data file, its header (dtype, shape) checked before the data is read; never a pickle."""
+
+    def fail(problem: str) -> VidretError:
+        return VidretError(f"index file {path} ({role}) {problem}; rebuild the index")
+
+    fmt = np.lib.format
+    try:
+        with path.open("rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise fail(f"has .npy format version {version}, not 1.0 or 2.0")
+            if dtype.hasobject or dtype not in [np.dtype(d) for d in dtypes]:
+                raise fail(f"holds {dtype.str} values, expected {' or '.join(dtypes)}")
+            if not shape_ok(tuple(shape)):
+                raise fail(f"has shape {tuple(shape)}, expected {want}")
+            f.seek(0)
+            arr = np.load(f, allow_pickle=False)
+    except VidretError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise fail(f"is not a readable .npy file ({e})") from e
+    return arr
 
 
 @dataclass
@@ -434,6 +714,10 @@ class VideoIndex:
     frames: Tensor | None = None  # frames kind: [N, T, E] float32
     masks: Tensor | None = None  # frames kind: [N, T] bool
     backend_name: Backend = "exact"
+    # realpath of the videos folder (or the common parent of a manifest's files): every record's file lies in
+    # it; "" for synthetic indexes and those written before roots were recorded (media then needs a root given)
+    root: str = ""
+    folder: str = field(default="", compare=False)  # where load() read it from ("" = built in memory)
     _backend: SearchBackend | None = field(default=None, repr=False)
     _pooled_for_video: ExactIndex | None = field(default=None, repr=False)
     _rows: dict[str, int] | None = field(default=None, repr=False)
@@ -579,7 +863,11 @@ class VideoIndex:
     # ------------------------------------------------------------------------------------ persistence
 
     def save(self, folder: str | os.PathLike[str], write_faiss: bool | None = None) -> Path:
-        """Write the index into ``folder`` (created); ``index.json`` goes last so readers never see half a write.
+        """Write the index into ``folder`` (created), crash-safe (see :mod:`vidret.atomic`).
+
+        Data files are content-named and ``index.json`` is replaced last, so a kill at any point leaves the
+        previous index or the new one, both loadable; older generations and temporaries of an interrupted
+        earlier write are removed.
 
         Args:
             folder: the index folder.
@@ -587,25 +875,26 @@ class VideoIndex:
         """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        dtype = torch.float16 if self.settings.dtype == "float16" else torch.float32
-        arrays: dict[str, np.ndarray] = {}
         feats = self.vectors if self.kind == "pooled" else self.frames
         assert feats is not None
-        arrays["features"] = feats.to(dtype).contiguous().numpy()  # torch casts in parallel; numpy does not
+        if not _all_finite(feats):
+            rows = _non_finite_rows(feats)
+            ids = ", ".join(repr(self.records[r].video_id) for r in rows)
+            raise VidretError(
+                f"refusing to write an index with NaN/Inf vectors (videos {ids}); the model that encoded them has "
+                "NaN/Inf weights: use another adapter or backbone"
+            )
+        check_records(self.records, self.root, f"the index for {out}")
+        sweep_temporaries(out)
+        dtype = torch.float16 if self.settings.dtype == "float16" else torch.float32
+        arrays: dict[str, np.ndarray] = {"features": feats.to(dtype).contiguous().numpy()}  # torch casts in parallel
         if self.kind == "frames":
             assert self.masks is not None
             arrays["masks"] = self.masks.contiguous().numpy().astype(bool)
         files: dict[str, dict[str, str]] = {}
-        written: list[Path] = []
-        for name, arr in arrays.items():
-            tmp = out / f".{name}.{os.getpid()}.tmp"
-            with tmp.open("wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            digest = _sha256(tmp)
-            final = out / f"{name}-{digest[:12]}.npy"
-            os.replace(tmp, final)
-            files[name] = {"file": final.name, "sha256": digest}
-            written.append(final)
+        for role, arr in arrays.items():
+            name, digest = write_content_named(out, role, ".npy", functools.partial(_save_npy, arr=arr))
+            files[role] = {"file": name, "sha256": digest}
         if write_faiss if write_faiss is not None else self.backend_name == "faiss":
             if self.kind != "pooled":
                 raise VidretError("only pooled indexes can have a FAISS index")
@@ -614,20 +903,10 @@ class VideoIndex:
             else:
                 assert self.vectors is not None
                 backend = FaissIndex(self.vectors, self.settings.nlist, self.settings.nprobe)
-            tmp = out / f".faiss.{os.getpid()}.tmp"
-            backend.save(tmp)
-            digest = _sha256(tmp)
-            final = out / f"faiss-{digest[:12]}.index"
-            os.replace(tmp, final)
-            files["faiss"] = {"file": final.name, "sha256": digest, "nlist": str(backend.nlist)}
-            written.append(final)
-        tmp_v = out / f".{VIDEOS_FILE}.{os.getpid()}.tmp"
-        with tmp_v.open("w", encoding="utf-8") as f:
-            for r in self.records:
-                f.write(r.to_json() + "\n")
-        digest = _sha256(tmp_v)
-        os.replace(tmp_v, out / VIDEOS_FILE)
-        files["videos"] = {"file": VIDEOS_FILE, "sha256": digest}
+            name, digest = write_content_named(out, "faiss", ".index", backend.write_to)
+            files["faiss"] = {"file": name, "sha256": digest, "nlist": str(backend.nlist)}
+        name, digest = write_content_named(out, "videos", ".jsonl", self._write_records)
+        files["videos"] = {"file": name, "sha256": digest}
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
             "kind": self.kind,
@@ -637,16 +916,18 @@ class VideoIndex:
             "settings": asdict(self.settings),
             "model": asdict(self.identity),
             "files": files,
+            "root": self.root,
         }
-        tmp_m = out / f".{INDEX_FILE}.{os.getpid()}.tmp"
-        tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp_m, out / INDEX_FILE)
-        # Older generations of the data files are no longer referenced by index.json.
-        keep = {p.name for p in written} | {VIDEOS_FILE, INDEX_FILE}
-        for p in out.iterdir():
-            if p.is_file() and p.name not in keep and p.name.split("-")[0] in ("features", "masks", "faiss"):
-                p.unlink()
+        replace_json(out / INDEX_FILE, meta)  # the commit point
+        remove_unreferenced(out, DATA_STEMS, [f["file"] for f in files.values()])
+        legacy = out / LEGACY_VIDEOS_FILE
+        if legacy.is_file() and not legacy.is_symlink():
+            legacy.unlink()
         return out
+
+    def _write_records(self, f: IO[bytes], rows: int = 16_384) -> None:
+        for s in range(0, len(self.records), rows):
+            f.write("".join(r.to_json() + "\n" for r in self.records[s : s + rows]).encode("utf-8"))
 
     @classmethod
     def load(
@@ -656,63 +937,69 @@ class VideoIndex:
         nprobe: int | None = None,
         verify: bool = True,
     ) -> VideoIndex:
-        """Open an index folder.
+        """Open an index folder, treating every file in it as untrusted (see the module docstring).
 
         Args:
             folder: the folder ``save`` wrote.
             backend: override the stored backend ("exact" works for every index; "faiss" needs [ann]).
             nprobe: override the FAISS nprobe.
             verify: check the SHA-256 of every data file (catches damaged or hand-edited files).
+
+        Raises:
+            VidretError: the folder is not a readable, well-formed index (the message names the file and field).
         """
         root = Path(folder)
         meta_path = root / INDEX_FILE
-        if not meta_path.is_file():
-            raise VidretError(f"{root} is not a vidret index (no {INDEX_FILE}); build one with `vidret index`")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VidretError(f"{meta_path} is not valid JSON ({e}); rebuild the index") from e
-        if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise VidretError(
-                f"{meta_path}: index format version {meta.get('format_version')!r}, this vidret reads "
-                f"{INDEX_FORMAT_VERSION}; rebuild the index with this version"
-            )
-        try:
-            files = meta["files"]
-            identity = ModelIdentity(**meta["model"])
-            settings = IndexSettings.from_dict(meta["settings"])
-            kind = meta["kind"]
-        except (KeyError, TypeError) as e:
-            raise VidretError(f"{meta_path} lacks field {e}; rebuild the index") from e
+        m = parse_index_meta(_read_json(root), meta_path)
+        where = f"index {root}"
 
-        def path_of(name: str) -> Path:
-            p = root / Path(files[name]["file"]).name  # a bare file name inside the index folder, never a path
+        def path_of(role: str) -> Path:
+            p = root / m.files[role]["file"]  # a bare name (checked): always inside the index folder
             if not p.is_file():
                 raise VidretError(f"index file {p} is missing; rebuild the index")
-            if verify and _sha256(p) != files[name]["sha256"]:
+            if verify and sha256_file(p) != m.files[role]["sha256"]:
                 raise VidretError(f"index file {p} does not match its checksum (damaged?); rebuild the index")
             return p
 
-        lines = [ln for ln in path_of("videos").read_text(encoding="utf-8").splitlines() if ln.strip()]
-        try:
-            objs = json.loads("[" + ",".join(lines) + "]")  # one parse: ~3x faster than a loads per line
-            records = [VideoRecord.from_obj(o) for o in objs]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise VidretError(f"{root / VIDEOS_FILE} is damaged ({e}); rebuild the index") from e
-        feats = torch.from_numpy(np.load(path_of("features"), allow_pickle=False)).float()
-        chosen: Backend = backend or meta.get("backend", "exact")
-        if kind == "pooled":
-            idx = cls(records, identity, settings, vectors=feats, backend_name="exact")
-        elif kind == "frames":
-            masks = torch.from_numpy(np.load(path_of("masks"), allow_pickle=False).astype(bool))
-            idx = cls(records, identity, settings, frames=feats, masks=masks, backend_name="exact")
+        records = _read_records(path_of("videos"))
+        if len(records) != m.count:
+            raise VidretError(f"{where} holds {len(records)} videos but index.json says {m.count}; rebuild the index")
+        check_records(records, m.root, where)
+        n, e = m.count, m.dim
+        feature_path = path_of("features")
+        pooled = m.kind == "pooled"
+
+        def shape_ok(s: tuple[int, ...]) -> bool:  # pooled [N, E]; frames [N, T, E]
+            return s == (n, e) if pooled else (len(s) == 3 and s[0] == n and s[2] == e)
+
+        want = f"({n}, {e})" if pooled else f"({n}, T, {e})"
+        feats = torch.from_numpy(_read_npy(feature_path, "features", ("float16", "float32"), shape_ok, want)).float()
+        if not _all_finite(feats):
+            rows = _non_finite_rows(feats)
+            raise VidretError(
+                f"index file {feature_path} holds NaN/Inf vectors (rows {rows}, videos "
+                f"{[records[r].video_id for r in rows]}); rebuild the index with an adapter whose weights are finite"
+            )
+        chosen: Backend = backend or m.backend
+        if m.kind == "pooled":
+            idx = cls(records, m.identity, m.settings, vectors=feats, backend_name="exact", root=m.root)
         else:
-            raise VidretError(f"{meta_path}: unknown index kind {kind!r}")
+            t = feats.shape[1]
+            masks = _read_npy(path_of("masks"), "masks", ("bool",), lambda s: s == (n, t), f"({n}, {t})")
+            idx = cls(
+                records,
+                m.identity,
+                m.settings,
+                frames=feats,
+                masks=torch.from_numpy(masks),
+                backend_name="exact",
+                root=m.root,
+            )
+        idx.folder = str(root)
         if chosen == "faiss":
-            if "faiss" in files and faiss_available():
-                fi = FaissIndex.load(path_of("faiss"), nprobe or settings.nprobe)
-                if len(fi) != len(idx):
-                    raise VidretError(f"{root}: FAISS index holds {len(fi)} vectors, expected {len(idx)}; rebuild")
+            if "faiss" in m.files and faiss_available():
+                fi = FaissIndex.load(path_of("faiss"), nprobe or m.settings.nprobe)
+                fi.check(n, e, where)
                 idx.backend_name = "faiss"
                 idx._backend = fi
             else:
@@ -722,16 +1009,39 @@ class VideoIndex:
         return idx
 
 
-def read_index_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``index.json`` of an index folder (no data files read)."""
-    p = Path(folder) / INDEX_FILE
+def _read_json(folder: Path) -> Any:
+    p = folder / INDEX_FILE
     if not p.is_file():
         raise VidretError(f"{folder} is not a vidret index (no {INDEX_FILE}); build one with `vidret index`")
     try:
-        meta: dict[str, Any] = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise VidretError(f"{p} is not valid JSON ({e}); rebuild the index") from e
-    return meta
+
+
+def _read_records(path: Path) -> list[VideoRecord]:
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise VidretError(f"{path} is not UTF-8 text ({e}); rebuild the index") from e
+    try:
+        objs = json.loads("[" + ",".join(lines) + "]")  # one parse: ~3x faster than a loads per line
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise VidretError(f"{path} is damaged ({e}); rebuild the index") from e
+    records = []
+    for i, o in enumerate(objs):
+        try:
+            records.append(VideoRecord.from_obj(o))
+        except ValueError as e:
+            raise VidretError(f"{path}, row {i + 1}: {e}; rebuild the index") from e
+    return records
+
+
+def read_index_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The schema-checked ``index.json`` of an index folder, as a dict (no data files read)."""
+    meta = _read_json(Path(folder))
+    parse_index_meta(meta, Path(folder) / INDEX_FILE)
+    return dict(meta)
 
 
 __all__ = [
@@ -739,6 +1049,7 @@ __all__ = [
     "ExactIndex",
     "FaissIndex",
     "FramesSearch",
+    "IndexMeta",
     "IndexSettings",
     "ModelIdentity",
     "SearchBackend",
@@ -746,9 +1057,11 @@ __all__ = [
     "VideoRecord",
     "adapter_fingerprint",
     "check_identity",
+    "check_records",
     "default_nlist",
     "faiss_available",
     "mean_pool",
     "model_identity",
+    "parse_index_meta",
     "read_index_meta",
 ]

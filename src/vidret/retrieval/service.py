@@ -1098,7 +1098,9 @@ def open_service(
     first = loaded[0][2].identity
     if not first.adapter_path or not Path(first.adapter_path).is_dir():
         raise VidretError(f"index {loaded[0][0]}: its adapter folder {first.adapter_path!r} is gone")
-    spec = resolve_backbone(backbone, read_adapter(first.adapter_path)[0], first.backbone_spec)
+    spec = resolve_backbone(
+        backbone, read_adapter(first.adapter_path)[0], first.backbone_spec, where=f"index {loaded[0][1]}"
+    )
     clip = load_backbone_spec(spec)
     have = fingerprint(backbone_state_dict(clip))
     if have != first.backbone_fingerprint:
