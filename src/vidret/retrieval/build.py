@@ -477,7 +477,7 @@ def resolve_backbone(
             return spec
         raise VidretError(
             f"{origin} was {verb} with backbone file {spec}; pass --backbone {spec} (or another copy) to load it "
-            "(a backbone file named by an index or adapter is never loaded on its own: it could run code)"
+            "(vidret reads a local backbone file only when you name it: a shared index or adapter could name any file)"
         )
     backbone_meta = adapter_meta.get("backbone") if isinstance(adapter_meta, dict) else None
     name = backbone_meta.get("name", "?") if isinstance(backbone_meta, dict) else "?"
