@@ -23,7 +23,7 @@ from vidret.bench.search import (  # noqa: E402
     synthetic_vectors,
 )
 from vidret.errors import VidretError  # noqa: E402
-from vidret.retrieval.index import faiss_available  # noqa: E402
+from vidret.retrieval.backends import faiss_available  # noqa: E402
 
 
 def test_synthetic_vectors_are_unit_and_deterministic() -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from tests.retrieval.helpers import BACKBONE, COLOURS, write_clip
 from vidret.cli import main
-from vidret.retrieval.index import VideoIndex, faiss_available
+from vidret.retrieval.backends import faiss_available
+from vidret.retrieval.index import VideoIndex
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:

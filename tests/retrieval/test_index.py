@@ -17,16 +17,10 @@ from tests.retrieval.helpers import BACKBONE, COLOURS, save_adapter_for, touch_l
 from vidret.backbone.tokenizer import tokenize
 from vidret.data.manifest import ManifestEntry, write_manifest
 from vidret.errors import VidretError
+from vidret.retrieval.backends import ExactIndex, FaissIndex, default_nlist, faiss_available
 from vidret.retrieval.build import build_index, collect_videos, load_backbone_spec, video_query_vector
-from vidret.retrieval.index import (
-    ExactIndex,
-    FaissIndex,
-    IndexSettings,
-    VideoIndex,
-    default_nlist,
-    faiss_available,
-    model_identity,
-)
+from vidret.retrieval.index import VideoIndex, model_identity
+from vidret.retrieval.index_files import IndexSettings
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed (the [ann] extra)")
 

@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 import vidret  # noqa: E402
 from vidret.errors import VidretError  # noqa: E402
 from vidret.retrieval.build import build_index, load_backbone_spec  # noqa: E402
-from vidret.retrieval.service import MAX_BODY_BYTES, create_app, open_service  # noqa: E402
+from vidret.retrieval.http import MAX_BODY_BYTES  # noqa: E402
+from vidret.retrieval.service import create_app, open_service  # noqa: E402
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -385,7 +386,7 @@ def test_fuzzed_query_strings_never_5xx(client: TestClient, q: str, k: str, inde
 def test_text_conditioned_collection_beside_a_pooled_one(
     tmp_path: Path, attack_setup: dict[str, Any], collection_dir: Path
 ) -> None:
-    from vidret.retrieval.index import IndexSettings
+    from vidret.retrieval.index_files import IndexSettings
 
     ad = save_adapter_for(tmp_path / "tc", "frozen", head="text_conditioned")
     model = vidret.load_adapter(load_backbone_spec(BACKBONE), ad).eval()

@@ -27,8 +27,10 @@ from vidret.atomic import sha256_file
 from vidret.cli import main
 from vidret.data.manifest import ManifestEntry, write_manifest
 from vidret.errors import VidretError
+from vidret.retrieval.backends import faiss_available
 from vidret.retrieval.build import build_index, load_backbone_spec, open_model_for_index, resolve_backbone
-from vidret.retrieval.index import IndexSettings, VideoIndex, faiss_available
+from vidret.retrieval.index import VideoIndex
+from vidret.retrieval.index_files import IndexSettings
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed (the [ann] extra)")
 

@@ -29,8 +29,10 @@ import vidret  # noqa: E402
 from vidret.cli import main  # noqa: E402
 from vidret.data.cache import file_identity  # noqa: E402
 from vidret.model import AdapterBank  # noqa: E402
+from vidret.retrieval import http as http_mod  # noqa: E402
 from vidret.retrieval import service as service_mod  # noqa: E402
-from vidret.retrieval.index import VideoIndex, VideoRecord  # noqa: E402
+from vidret.retrieval.index import VideoIndex  # noqa: E402
+from vidret.retrieval.index_files import VideoRecord  # noqa: E402
 from vidret.retrieval.service import Collection, SearchService, create_app  # noqa: E402
 
 SECRET = b"OUTSIDE-THE-COLLECTION-" + os.urandom(8).hex().encode()  # must never appear in a response
@@ -294,9 +296,9 @@ def test_allow_host_adds_names(bank: AdapterBank, world: dict[str, Path]) -> Non
 
 @contextlib.contextmanager
 def running_server(app: Any, keep_alive_s: int = 1, head_timeout_s: float = 1.0) -> Iterator[int]:
-    sock = service_mod.bind_socket("127.0.0.1", 0)
+    sock = http_mod.bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = service_mod.make_server(app, keep_alive_s=keep_alive_s, head_timeout_s=head_timeout_s)
+    server = http_mod.make_server(app, keep_alive_s=keep_alive_s, head_timeout_s=head_timeout_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -434,7 +436,7 @@ def test_serve_binds_then_announces_and_runs_hardened(
     assert f"at http://127.0.0.1:{port}/" in seen["printed_before_run"]
     assert seen["open_kw"]["media_roots"] == [str(world["root"])]
     config = seen["config"]
-    assert config.timeout_keep_alive == service_mod.KEEP_ALIVE_S
+    assert config.timeout_keep_alive == http_mod.KEEP_ALIVE_S
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     assert issubclass(config.http, H11Protocol)

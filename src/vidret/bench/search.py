@@ -132,7 +132,9 @@ def _prepare(cfg: SearchBenchConfig, n: int, workdir: str) -> tuple[Any, dict[st
     """Build the service for one size; returns (service, stats)."""
     from vidret.backbone.tokenizer import tokenize
     from vidret.model import AdapterBank
-    from vidret.retrieval.index import FaissIndex, IndexSettings, VideoIndex, model_identity
+    from vidret.retrieval.backends import FaissIndex
+    from vidret.retrieval.index import VideoIndex, model_identity
+    from vidret.retrieval.index_files import IndexSettings
     from vidret.retrieval.service import Collection, SearchService
 
     stats: dict[str, Any] = {"n": n, "dim": cfg.dim, "data": cfg.data}
@@ -358,7 +360,7 @@ def machine_info() -> dict[str, Any]:
 
 def run_bench(cfg: SearchBenchConfig, log: Any = None) -> dict[str, Any]:
     """Run every size and backend; returns a JSON-ready dict (machine, build stats, recall, load)."""
-    from vidret.retrieval.index import faiss_available
+    from vidret.retrieval.backends import faiss_available
 
     if "faiss" in cfg.backends and not faiss_available():
         raise VidretError("the FAISS backend needs the [ann] extra: pip install faiss-cpu (or --backends exact)")

@@ -27,15 +27,9 @@ from vidret.data.manifest import ManifestEntry, read_manifest
 from vidret.data.sampling import SamplingConfig
 from vidret.errors import VidretError
 from vidret.heads import VideoFeatures
-from vidret.retrieval.index import (
-    INDEX_FILE,
-    IndexSettings,
-    VideoIndex,
-    VideoRecord,
-    check_identity,
-    mean_pool,
-    model_identity,
-)
+from vidret.retrieval.backends import mean_pool
+from vidret.retrieval.index import VideoIndex, check_identity, model_identity
+from vidret.retrieval.index_files import INDEX_FILE, IndexSettings, VideoRecord
 
 logger = logging.getLogger(__name__)
 

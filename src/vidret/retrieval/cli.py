@@ -28,7 +28,7 @@ def run_index(args: argparse.Namespace) -> int:
     """``vidret index --adapter DIR (--videos DIR | --manifest M) --out INDEX [--update]``."""
     from vidret.adapters.io import load_adapter, read_adapter
     from vidret.retrieval.build import backbone_spec_for, build_index, load_backbone_spec, resolve_backbone
-    from vidret.retrieval.index import IndexSettings, read_index_meta
+    from vidret.retrieval.index_files import IndexSettings, read_index_meta
 
     if bool(args.videos) == bool(args.manifest):
         raise VidretError("give exactly one of --videos DIR or --manifest FILE")
@@ -146,7 +146,7 @@ def _is_loopback(host: str) -> bool:
 
 def _allowed_hosts(bind_host: str, extra: list[str]) -> list[str]:
     """Host header names served: the localhost names, the bound host unless a wildcard, and --allow-host."""
-    from vidret.retrieval.service import LOCAL_HOSTS
+    from vidret.retrieval.http import LOCAL_HOSTS
 
     wildcard = bind_host.strip("[]") in ("", "0.0.0.0", "::")
     return [*LOCAL_HOSTS, *([] if wildcard else [bind_host]), *extra]
@@ -158,7 +158,8 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise VidretError("serving needs the [serve] extra: pip install 'vidret[serve]'") from e
-    from vidret.retrieval.service import bind_socket, create_app, make_server, open_service, set_threads
+    from vidret.retrieval.http import bind_socket, make_server
+    from vidret.retrieval.service import create_app, open_service, set_threads
 
     threads = getattr(args, "threads", None)
     if threads:

@@ -13,6 +13,9 @@ queries must be non-empty valid UTF-8 of at most 1000 characters; ``k`` must be 
 otherwise) and is clamped to the index size; unknown indexes or ids are 404; request bodies over 64 KiB are
 413; a Host header that is not an allowed name is 400 on every route (localhost names by default: a web page
 that rebinds its own domain to 127.0.0.1 still sends its domain, so DNS rebinding cannot reach the service).
+Queries and ``k`` are checked here (:func:`validate_query`, :func:`validate_k`); bodies and Host headers by the
+middleware in :mod:`vidret.retrieval.http` (:class:`~vidret.retrieval.http.BodyLimitMiddleware`,
+:class:`~vidret.retrieval.http.HostCheckMiddleware`).
 
 Media rules (an index is data, not authority: a crafted one must not serve any other file): media routes serve
 only files recorded in the index, looked up by id (user input is never joined into a path), and only inside the
@@ -22,10 +25,12 @@ component not followed, non-blocking so a FIFO cannot stall a worker) and checke
 file whose real path (the kernel's name for the descriptor) is the path recorded at indexing time, inside the
 root (403 otherwise), with the recorded size and mtime (409 otherwise, also for a record without a file
 identity). The bytes sent and the thumbnail frames are read from that descriptor only, so a symlink swapped in
-after the check serves nothing.
+after the check serves nothing. The lookup and the roots are :meth:`SearchService.open_media`'s; opening and
+checking the file is :func:`vidret.retrieval.media.open_recorded`; sending it (one byte range) is
+:func:`vidret.retrieval.http.send_media`.
 
-Connection rules (:func:`make_server`): a request head must arrive within 10 s and a body within 10 s of its
-head (408), a connection that sends nothing is closed after 5 s, like an idle keep-alive one.
+Connection rules (:func:`vidret.retrieval.http.make_server`): a request head must arrive within 10 s and a body
+within 10 s of its head (408), a connection that sends nothing is closed after 5 s, like an idle keep-alive one.
 
 Several indexes, possibly built with different adapters, share one backbone in memory through
 :class:`vidret.model.AdapterBank`; all must have been built on the same backbone weights. Concurrent queries
@@ -38,47 +43,44 @@ adapter and searches each index once per batch.
 import asyncio
 import concurrent.futures
 import contextlib
-import email.utils
-import errno
-import json
 import logging
 import math
-import mimetypes
 import os
 import queue
 import re
-import socket
-import stat
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vidret.errors import VidretError
-from vidret.retrieval.index import VideoIndex, VideoRecord
+from vidret.retrieval.http import (
+    BODY_TIMEOUT_S,
+    LOCAL_HOSTS,
+    ApiError,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    Receive,
+    Scope,
+    Send,
+    json_bytes,
+    send_media,
+)
+from vidret.retrieval.index import VideoIndex
+from vidret.retrieval.media import MediaFile, ThumbnailCache, open_recorded, thumbnail_strip
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000  # longer queries are refused (CLIP reads at most 77 tokens anyway)
 MAX_K = 1000  # larger k is refused; k above the index size is clamped to it
-MAX_BODY_BYTES = 64 * 1024  # larger request bodies are refused with 413
 MAX_THUMB_FRAMES = 8  # frames per thumbnail strip
-THUMB_SIZE = 96  # side of each square thumbnail frame, pixels
 SEARCH_TIMEOUT_S = 60.0
-KEEP_ALIVE_S = 5  # an idle connection (kept alive, or that never sent a byte) is closed after this
-HEAD_TIMEOUT_S = 10.0  # a request head must arrive in full within this (slow-header clients)
-BODY_TIMEOUT_S = 10.0  # a request body must arrive in full within this after its head (slow-body clients)
-STREAM_CHUNK = 256 * 1024  # bytes read from a media file per send
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host names always allowed (with any port)
 INDEX_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 WEB_FILES = {
     "index.html": "text/html",
@@ -87,22 +89,6 @@ WEB_FILES = {
     "docs.html": "text/html",
     "docs.js": "text/javascript",
 }
-
-
-class ApiError(Exception):
-    """A client error with an HTTP status and a message for the JSON body."""
-
-    def __init__(self, status: int, detail: str, error: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.error = error or {
-            403: "forbidden",
-            404: "not_found",
-            409: "conflict",
-            413: "too_large",
-            422: "invalid_request",
-        }.get(status, "bad_request")
 
 
 def validate_query(text: Any) -> str:
@@ -155,53 +141,6 @@ class Collection:
         if backend == "faiss":
             d["nprobe"] = self.index.settings.nprobe
         return d
-
-
-@dataclass
-class MediaFile:
-    """A recorded video file, opened once and checked: the media routes read only this descriptor."""
-
-    record: VideoRecord
-    fd: int  # read-only descriptor; -1 once closed
-    path: str  # the real path the descriptor resolves to (inside the collection root)
-    size: int
-    mtime_ns: int
-
-    @property
-    def media_type(self) -> str:
-        kind = mimetypes.guess_type(self.path)[0] or ""
-        return kind if kind.startswith("video/") else "application/octet-stream"
-
-    def read_path(self) -> str:
-        """A path that opens this very file (not the recorded path), for decoders that take a path."""
-        for base in ("/proc/self/fd", "/dev/fd"):  # Linux; macOS and the BSDs
-            if os.path.isdir(base):
-                return f"{base}/{self.fd}"
-        raise ApiError(404, "thumbnails need /proc or /dev/fd on this system")
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def _inside(path: str, roots: Sequence[str]) -> bool:
-    """Whether absolute ``path`` lies inside one of the (real, absolute) ``roots``."""
-    return any(os.path.commonpath([path, root]) == root for root in roots)
-
-
-def _descriptor_path(fd: int, st: os.stat_result, recorded: str) -> str | None:
-    """The real path of an open descriptor: the kernel's name for it (Linux), else ``recorded`` if that path
-    still resolves to itself and names the same inode; None when it does not."""
-    with contextlib.suppress(OSError):
-        return os.readlink(f"/proc/self/fd/{fd}")
-    try:
-        now = os.stat(recorded)
-    except OSError:
-        return None
-    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and os.path.realpath(recorded) == recorded:
-        return recorded
-    return None
 
 
 @dataclass
@@ -394,37 +333,7 @@ class SearchService:
             raise ApiError(
                 403, f"index {c.name!r} records no collection folder; restart `vidret serve` with --media-root DIR"
             )
-        recorded = rec.real_path
-        if not os.path.isabs(recorded) or not _inside(os.path.normpath(recorded), roots):
-            raise ApiError(403, "the video file lies outside the collection folder")
-        changed = "the video file changed since indexing; run `vidret index --update`"
-        if not rec.identity:
-            raise ApiError(409, changed)
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
-        try:
-            fd = os.open(recorded, flags)
-        except FileNotFoundError:
-            raise ApiError(404, "the video file is gone; run `vidret index --update`") from None
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.EMLINK):  # the last component is now a symlink (EMLINK: BSDs)
-                raise ApiError(409, changed) from None
-            raise ApiError(404, "the video file cannot be read") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ApiError(409, changed)
-            real = _descriptor_path(fd, st, recorded)
-            if real != recorded:  # a folder on the way was swapped, or the file was replaced and deleted
-                raise ApiError(409, changed)
-            if not _inside(real, roots):
-                raise ApiError(403, "the video file lies outside the collection folder")
-            if rec.identity.split(":")[:2] != [str(st.st_size), str(st.st_mtime_ns)]:
-                raise ApiError(409, changed)
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return MediaFile(rec, fd, real, st.st_size, st.st_mtime_ns)
+        return open_recorded(rec, roots)
 
     def warm_up(self) -> None:
         """Run one query per collection so the first real query does not pay for loading the tokenizer."""
@@ -435,276 +344,7 @@ class SearchService:
         self.batcher.close()
 
 
-# ------------------------------------------------------------------------------------------ thumbnails
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int = 4) -> bytes:
-    """uint8 [H, W, 3] RGB -> JPEG bytes, with FFmpeg's mjpeg encoder (no imaging library needed)."""
-    import av
-
-    h, w = rgb.shape[:2]
-    h2, w2 = h - h % 2, w - w % 2  # 4:2:0 chroma needs even sides
-    rgb = np.ascontiguousarray(rgb[:h2, :w2])
-    ctx = av.CodecContext.create("mjpeg", "w")
-    ctx.width, ctx.height = w2, h2
-    ctx.pix_fmt = "yuvj420p"
-    ctx.time_base = Fraction(1, 25)
-    ctx.options = {"qmin": str(quality), "qmax": str(quality)}
-    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
-    packets = list(ctx.encode(frame)) + list(ctx.encode(None))
-    return b"".join(bytes(p) for p in packets)
-
-
-def thumbnail_strip(rec: VideoRecord, path: str, n: int, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG of ``n`` frames side by side, taken at the centres of n equal parts of the video (or segment)."""
-    from vidret.data.decode import PyAVDecoder
-    from vidret.data.sampling import segment_bounds
-    from vidret.data.transforms import resize_crop
-
-    def plan(info: Any) -> list[float]:
-        s, e = segment_bounds(info.duration, rec.start, rec.end)
-        return [s + (e - s) * (i + 0.5) / n for i in range(n)]
-
-    _, frames = PyAVDecoder().probe_and_decode(path, plan, frame_fn=lambda f: resize_crop(f, size))
-    frames[:, :, -2:] = 24  # a dark 2-pixel gap between neighbouring frames
-    strip = np.concatenate(list(frames), axis=1)  # [n, S, S, 3] -> [S, n*S, 3]
-    return encode_jpeg(strip[:, :-2])
-
-
-class ThumbnailCache:
-    """Thumbnail strips by (index, id, n), least recently used out; at most two decodes at a time."""
-
-    def __init__(self, capacity: int = 512) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, int], bytes | str] = OrderedDict()
-        self._lock = threading.Lock()
-        self._decoders = threading.Semaphore(2)
-
-    def get(self, key: tuple[str, str, int], make: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-        if hit is None:
-            with self._decoders:
-                try:
-                    hit = make()
-                except (VidretError, ValueError) as e:
-                    hit = f"no thumbnail: {getattr(e, 'reason', None) or e}"
-            with self._lock:
-                self._items[key] = hit
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-        if isinstance(hit, str):
-            raise ApiError(404, hit)
-        return hit
-
-
-# ------------------------------------------------------------------------------------------ ASGI pieces
-
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Strict JSON (ASCII-escaped: lone surrogates can never break encoding; NaN refused)."""
-    return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-async def _send_json(
-    send: Send, status: int, obj: Any, headers: Sequence[tuple[bytes, bytes]] = (), close: bool = False
-) -> None:
-    """A JSON response; ``close`` ends the connection after it (the client may still be sending a body)."""
-    body = json_bytes(obj)
-    out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    if close:
-        out.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": body})
-
-
-def host_name(value: str) -> str | None:
-    """The name in a Host header value: lowercase, without the port or IPv6 brackets; None when malformed."""
-    v = value.strip().lower()
-    if v.startswith("["):
-        name, sep, rest = v[1:].partition("]")
-        return name if sep and name and re.fullmatch(r"(:\d{0,5})?", rest, re.ASCII) else None
-    if v.count(":") == 1:
-        name, _, port = v.partition(":")
-        return name if name and re.fullmatch(r"\d{0,5}", port, re.ASCII) else None
-    return v or None  # a bare name, or a bare IPv6 address
-
-
-class HostCheckMiddleware:
-    """Refuse requests whose Host header is not an allowed name with 400, on every route.
-
-    DNS rebinding: a web page on an attacker's domain re-resolves that domain to 127.0.0.1 and calls the local
-    service from the victim's browser; the browser still sends the attacker's domain as Host.
-
-    Args:
-        app: the ASGI app.
-        allowed_hosts: names (any port; IPv6 with or without brackets); ``"*"`` allows every Host.
-    """
-
-    def __init__(self, app: Any, allowed_hosts: Sequence[str] = LOCAL_HOSTS) -> None:
-        self.app = app
-        self.any = "*" in allowed_hosts
-        self.names = frozenset(n for h in allowed_hosts if h != "*" and (n := host_name(h)))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.any:
-            raw = next((v for k, v in scope.get("headers", []) if k == b"host"), b"")
-            if host_name(raw.decode("latin-1")) not in self.names:
-                detail = "this Host header is not served here; start `vidret serve` with --allow-host NAME to allow it"
-                await _send_json(send, 400, {"error": "bad_host", "detail": detail})
-                return
-        await self.app(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413 before the app reads them (declared or streamed), and
-    bodies that do not arrive in full within ``timeout_s`` of the request head with 408."""
-
-    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = {"error": "too_large", "detail": f"request body over {self.max_bytes} bytes"}
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    detail = {"error": "bad_request", "detail": "invalid Content-Length"}
-                    await _send_json(send, 400, detail, close=True)
-                    return
-                if declared > self.max_bytes:
-                    await _send_json(send, 413, too_large, close=True)
-                    return
-        chunks: list[bytes] = []
-        total = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        while True:
-            try:
-                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                slow = {"error": "timeout", "detail": f"the request body did not arrive within {self.timeout_s:g} s"}
-                await _send_json(send, 408, slow, close=True)
-                return
-            if msg["type"] != "http.request":
-                return  # client went away
-            body = msg.get("body", b"")
-            total += len(body)
-            if total > self.max_bytes:
-                await _send_json(send, 413, too_large, close=True)
-                return
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: disconnect notifications
-
-        await self.app(scope, replay, send)
-
-
-_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.ASCII)
-
-
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """The one byte range a Range header asks for, as (first, last) inclusive; None to send the whole file.
-
-    Several ranges, other units and malformed values are ignored (RFC 9110 lets a server send the whole file).
-
-    Raises:
-        ValueError: the range cannot be satisfied (416): it starts at or past the end, or is an empty suffix.
-    """
-    m = _RANGE_RE.fullmatch(header) if header else None
-    if m is None:
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first:
-        if not last:
-            return None
-        if int(last) == 0 or size == 0:
-            raise ValueError("empty suffix range")
-        return max(0, size - int(last)), size - 1
-    a, b = int(first), int(last) if last else size - 1
-    if last and b < a:
-        return None
-    if a >= size:
-        raise ValueError("range starts past the end")
-    return a, min(b, size - 1)
-
-
-async def send_media(media: MediaFile, scope: Scope, receive: Receive, send: Send) -> None:
-    """Send an opened media file, or the one byte range asked for, reading only its descriptor; closes it."""
-    try:
-        headers = dict(scope.get("headers", []))
-        etag = f'"{media.size:x}-{media.mtime_ns:x}"'
-        modified = email.utils.formatdate(media.mtime_ns / 1e9, usegmt=True)
-        out = [
-            (b"content-type", media.media_type.encode()),
-            (b"accept-ranges", b"bytes"),
-            (b"etag", etag.encode()),
-            (b"last-modified", modified.encode()),
-        ]
-        if_range = headers.get(b"if-range", b"").decode("latin-1").strip()
-        span = None
-        if if_range in ("", etag, modified):  # If-Range naming another version: send the whole file
-            try:
-                span = parse_range(headers.get(b"range", b"").decode("latin-1"), media.size)
-            except ValueError:
-                unsatisfiable = {"error": "range_not_satisfiable", "detail": f"the file has {media.size} bytes"}
-                await _send_json(send, 416, unsatisfiable, [(b"content-range", f"bytes */{media.size}".encode())])
-                return
-        first, last = span if span is not None else (0, media.size - 1)
-        if span is not None:
-            out.append((b"content-range", f"bytes {first}-{last}/{media.size}".encode()))
-        out.append((b"content-length", str(last - first + 1).encode()))
-        await send({"type": "http.response.start", "status": 200 if span is None else 206, "headers": out})
-        await _stream_descriptor(media.fd, first, last - first + 1, receive, send)
-    finally:
-        media.close()
-
-
-async def _stream_descriptor(fd: int, offset: int, length: int, receive: Receive, send: Send) -> None:
-    """Send ``length`` bytes of ``fd`` from ``offset``; stops early when the client disconnects."""
-    gone = asyncio.Event()
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone.set()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        if length <= 0:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        while length > 0 and not gone.is_set():
-            chunk = await asyncio.to_thread(os.pread, fd, min(STREAM_CHUNK, length), offset)
-            if not chunk:  # truncated while sending: end the connection rather than send a short body
-                logger.warning("a video file shrank while it was being sent")
-                return
-            offset += len(chunk)
-            length -= len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": length > 0})
-    finally:
-        watcher.cancel()
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def strict_query_params(scope: Scope) -> dict[str, str]:
@@ -961,94 +601,6 @@ def create_app(
     return BodyLimitMiddleware(app, timeout_s=body_timeout_s)
 
 
-# ------------------------------------------------------------------------------------------ serving
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on host:port (port 0: any free one), or VidretError saying why not."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if os.name == "posix":  # rebind right after a restart (TIME_WAIT); a live listener still refuses the bind
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise VidretError(f"port {port} on {host} is in use; pass --port") from None
-        raise VidretError(f"cannot listen on {host} port {port} ({e.strerror or e}); check --host and --port") from None
-    return sock
-
-
-def _timed_protocol(head_timeout_s: float) -> type:
-    """uvicorn's h11 protocol, with a bound on receiving a request head and on a connection that never speaks.
-
-    uvicorn (0.54) arms its keep-alive timer only after a response and cancels it on any byte received, so a
-    client sending half a head (or trickling one byte at a time, or nothing at all) holds a connection forever.
-    """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    body = json_bytes({"error": "timeout", "detail": f"the request head did not arrive within {head_timeout_s:g} s"})
-    timeout_response = (
-        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-    )
-
-    class TimedH11Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            # a connection that never sends a byte is closed like an idle keep-alive one
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            # the clock starts at the first byte of a head and is not reset by later bytes
-            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-            if waiting and self._head_timer is None:
-                self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
-            elif not waiting and self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.write(timeout_response)
-                self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            super().connection_lost(exc)
-
-    return TimedH11Protocol
-
-
-def make_server(
-    app: Any, keep_alive_s: int = KEEP_ALIVE_S, head_timeout_s: float = HEAD_TIMEOUT_S, log_level: str = "warning"
-) -> Any:
-    """A uvicorn Server for ``app`` (h11) whose connections all time out; start it with ``.run(sockets=[sock])``.
-
-    Args:
-        app: the ASGI app (:func:`create_app`; its middleware bounds the body read).
-        keep_alive_s: an idle connection (between requests, or before its first byte) is closed after this.
-        head_timeout_s: a request head must arrive in full within this of its first byte (408 and close after).
-        log_level: uvicorn's log level.
-    """
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, http=_timed_protocol(head_timeout_s), timeout_keep_alive=keep_alive_s, log_level=log_level
-    )
-    return uvicorn.Server(config)
-
-
 # ------------------------------------------------------------------------------------------ loading
 
 
@@ -1130,28 +682,17 @@ def open_service(
 
 
 __all__ = [
-    "KEEP_ALIVE_S",
-    "LOCAL_HOSTS",
-    "MAX_BODY_BYTES",
     "MAX_K",
     "MAX_QUERY_CHARS",
-    "ApiError",
-    "BodyLimitMiddleware",
+    "MAX_THUMB_FRAMES",
     "Collection",
-    "HostCheckMiddleware",
-    "MediaFile",
     "QueryBatcher",
     "SearchService",
-    "bind_socket",
     "create_app",
-    "encode_jpeg",
-    "host_name",
-    "make_server",
     "open_service",
     "parse_index_specs",
-    "parse_range",
-    "send_media",
     "set_threads",
-    "thumbnail_strip",
+    "strict_query_params",
+    "validate_k",
     "validate_query",
 ]
