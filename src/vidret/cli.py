@@ -138,10 +138,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from vidret.train.config import load_config
+    from vidret.train.recipe import format_card, recipe_card
+
+    card = recipe_card(load_config(args.config, args.overrides), config_path=args.config)
+    if getattr(args, "json", False):
+        _print_json(card)
+    else:
+        print(format_card(card))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vidret.train.config import load_config
     from vidret.train.loop import train
 
+    if args.dry_run:
+        return cmd_recipe(args)
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"adapter written to {result.adapter_dir} after {result.steps} steps ({result.train_seconds:.1f}s)")
@@ -350,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     s.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.json")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--dry-run", action="store_true", help="print the recipe card (vidret recipe) and train nothing")
+
+    s = add(sub, "recipe", cmd_recipe, "the effective recipe of a config: steps, lr schedule, parameter groups, frames")
+    s.add_argument("config", help="YAML experiment file (configs/...)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
+    s.add_argument("--json", action="store_true", help="print the card as JSON")
 
     s = add(sub, "eval", cmd_eval, "evaluate an adapter on a manifest: T2V/V2T R@1/5/10, MdR, MnR")
     s.add_argument("--adapter", required=True)

@@ -65,6 +65,34 @@ def test_eval_videos_cache_equals_raw(tmp_path: Path, entries: list[ManifestEntr
     assert EvalVideoDataset(entries, TRAIN, image_size=SIZE).sampling.mode == "eval"
 
 
+@pytest.mark.parametrize(
+    ("rule", "want"),
+    [
+        # 8 candidates, T = 4. MV-Adapter: candidate floor(i * 8 / 4) = 0, 2, 4, 6;
+        # Cross-Modal Adapter: np.linspace(0, 7, 4, dtype=int) = 0, 2, 4, 7 (2.33 and 4.67 truncated)
+        ("mvadapter_floor", [[5, 25, 45, 65], [5, 15, 22], [8, 40, 73, 105]]),
+        ("cma_linspace", [[5, 25, 45, 75], [5, 15, 22], [8, 40, 73, 121]]),
+    ],
+)
+def test_official_frame_rules_train_and_eval_alike(
+    tmp_path: Path, entries: list[ManifestEntry], frame_index: FrameIndex, rule: str, want: list[list[int]]
+) -> None:
+    train = SamplingConfig(T, mode="train", max_candidates=8, train_sampling=rule, eval_sampling=rule)  # type: ignore[arg-type]
+    cache = FrameCache(tmp_path / "cache", train, image_size=SIZE)
+    raw = TrainVideoDataset(entries, train, seed=1, image_size=SIZE)
+    cached = TrainVideoDataset(entries, train, seed=1, cache=cache, image_size=SIZE)
+    evals = EvalVideoDataset(entries, train, image_size=SIZE)
+    for epoch in range(3):  # the same frames every epoch: the official rules draw nothing
+        raw.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(entries)):
+            a, b, e = raw[i], cached[i], evals[i]
+            assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["frames"], e["frames"])
+            assert _indices(a["frames"], a["frame_mask"], frame_index) == want[i]
+    with pytest.raises(VidretError, match="deterministic"):
+        SamplingConfig(T, eval_sampling="segment_random")
+
+
 def test_cache_with_other_settings_is_refused(tmp_path: Path, entries: list[ManifestEntry]) -> None:
     cache = FrameCache(tmp_path / "cache", EVAL, image_size=SIZE)
     with pytest.raises(VidretError, match="frame cache"):
@@ -102,7 +130,7 @@ def test_train_random_caption_per_epoch(entries: list[ManifestEntry], frame_inde
     )
 
 
-def test_train_cache_matches_raw_and_per_caption(
+def test_train_cache_matches_raw_and_all_pairs(
     tmp_path: Path, entries: list[ManifestEntry], frame_index: FrameIndex
 ) -> None:
     cache = FrameCache(tmp_path / "cache", TRAIN, image_size=SIZE)
@@ -110,7 +138,7 @@ def test_train_cache_matches_raw_and_per_caption(
     cached = TrainVideoDataset(entries, TRAIN, seed=1, cache=cache, image_size=SIZE)
     for i in range(3):  # the same generator draws give the same frames from either source
         assert torch.equal(raw[i]["frames"], cached[i]["frames"])
-    per = TrainVideoDataset(entries + [ManifestEntry("nocap", entries[0].path)], TRAIN, caption_mode="per_caption")
+    per = TrainVideoDataset(entries + [ManifestEntry("nocap", entries[0].path)], TRAIN, caption_mode="all_pairs")
     assert len(per) == 9  # 3 videos x 3 captions; the caption-less entry is left out
     assert [(per[k]["video_index"].item(), per[k]["caption_index"]) for k in (0, 4, 8)] == [(0, 0), (1, 1), (2, 2)]
     with pytest.raises(VidretError, match="caption_mode"):
@@ -194,7 +222,7 @@ def test_collate_all_bad_gives_empty_batch(tmp_path: Path) -> None:
 def test_distributed_sampler_covers_every_item(tmp_path: Path, entries: list[ManifestEntry]) -> None:
     cache = FrameCache(tmp_path / "cache", EVAL, image_size=SIZE)
     preprocess(entries, cache, progress=False)
-    ds = TrainVideoDataset(entries, TRAIN, caption_mode="per_caption", cache=cache, image_size=SIZE)
+    ds = TrainVideoDataset(entries, TRAIN, caption_mode="all_pairs", cache=cache, image_size=SIZE)
     pairs: list[tuple[int, tuple[int, ...]]] = []
     frames_of: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
     for rank in range(2):

@@ -361,9 +361,9 @@ def test_candidates_are_bin_centres_clipped_to_segment() -> None:
 
 
 def test_select_eval_centres_are_deterministic() -> None:
-    idx, mask = select_indices(24, 12, "eval")
+    idx, mask = select_indices(24, 12, "segment_centre")
     assert idx.tolist() == list(range(0, 24, 2)) and mask.all()
-    idx, _ = select_indices(10, 4, "eval")
+    idx, _ = select_indices(10, 4, "segment_centre")
     assert idx.tolist() == [0, 3, 5, 8]  # runs [0,2) [2,5) [5,7) [7,10)
     assert np.array_equal(select_indices(100, 12)[0], select_indices(100, 12)[0])
 
@@ -371,19 +371,19 @@ def test_select_eval_centres_are_deterministic() -> None:
 def test_select_train_random_within_runs() -> None:
     n, t = 50, 12
     edges = np.floor(np.arange(t + 1) * n / t).astype(int)
-    draws = np.stack([select_indices(n, t, "train", np.random.default_rng(s))[0] for s in range(300)])
+    draws = np.stack([select_indices(n, t, "segment_random", np.random.default_rng(s))[0] for s in range(300)])
     assert ((draws >= edges[:-1]) & (draws < edges[1:])).all()  # each stays in its run
     for i in range(t):  # and covers its run
         assert set(draws[:, i].tolist()) == set(range(edges[i], edges[i + 1]))
-    a = select_indices(n, t, "train", np.random.default_rng(7))[0]
-    b = select_indices(n, t, "train", np.random.default_rng(7))[0]
+    a = select_indices(n, t, "segment_random", np.random.default_rng(7))[0]
+    b = select_indices(n, t, "segment_random", np.random.default_rng(7))[0]
     assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="Generator"):
-        select_indices(n, t, "train")
+        select_indices(n, t, "segment_random")
 
 
 def test_short_videos_are_padded_and_masked() -> None:
-    idx, mask = select_indices(5, 12, "train", np.random.default_rng(0))
+    idx, mask = select_indices(5, 12, "segment_random", np.random.default_rng(0))
     assert idx.tolist() == [0, 1, 2, 3, 4] + [-1] * 7
     assert mask.tolist() == [True] * 5 + [False] * 7
     times, mask = sample_timestamps(0.3, SamplingConfig(num_frames=12))

@@ -97,11 +97,27 @@ def _run_cli(cfg_path: Path, *extra: str, env_extra: dict[str, str] | None = Non
     )
 
 
-def test_killed_run_resumes_to_the_same_result(tiny_world: Path, tmp_path: Path) -> None:
-    full_cfg = tmp_path / "full.yaml"
-    full_cfg.write_text(yaml.safe_dump(cfg_dict(tiny_world, tmp_path / "full", checkpoint_every=1)))
-    killed_cfg = tmp_path / "killed.yaml"
-    killed_cfg.write_text(yaml.safe_dump(cfg_dict(tiny_world, tmp_path / "killed", checkpoint_every=1)))
+# the official recipe's optimiser state (BertAdam's exp_avg / exp_avg_sq, per-tensor clipping) must round-trip too
+OFFICIAL = {
+    "name": "bert_adam",
+    "schedule": "bert_warmup_cosine",
+    "per_tensor_clip": 1.0,
+    "decay_rule": "mvadapter_names",
+}
+
+
+@pytest.mark.parametrize("optim", [{}, OFFICIAL], ids=["adamw", "bert_adam"])
+def test_killed_run_resumes_to_the_same_result(tiny_world: Path, tmp_path: Path, optim: dict[str, Any]) -> None:
+    def write(name: str) -> Path:
+        d = cfg_dict(tiny_world, tmp_path / name, checkpoint_every=1)
+        d["optim"].update(optim)
+        if optim:
+            d["data"].update(train_sampling="mvadapter_floor", eval_sampling="mvadapter_floor", num_frames=4)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        return path
+
+    full_cfg, killed_cfg = write("full"), write("killed")
 
     ref = _run_cli(full_cfg)
     assert ref.returncode == 0, ref.stderr

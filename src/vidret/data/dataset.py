@@ -11,7 +11,7 @@ and lists them under ``batch["bad"]`` / ``batch["bad_reasons"]`` so they reach t
 ``BadVideoReport.update(batch)`` records each once (one warning each) and ``.check(max_bad_fraction)``
 stops a run that has too many. A batch can therefore be smaller than the batch size, even empty (B=0).
 
-Randomness (the training caption, train-mode frame positions) comes from a generator seeded by
+Randomness (the training caption, ``segment_random`` frame positions) comes from a generator seeded by
 (seed, epoch, index), so it does not depend on workers, samplers or order: any sampler works,
 ``DistributedSampler`` included. Call ``set_epoch`` before each epoch (with ``persistent_workers=True``
 the workers keep the epoch they started with).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from vidret.errors import VidretError
 
 logger = logging.getLogger(__name__)
 
-CaptionMode = Literal["random_per_video", "per_caption"]
+CaptionMode = Literal["random_per_video", "all_pairs"]
+CAPTION_MODES: tuple[CaptionMode, ...] = get_args(CaptionMode)
 CaptionProtocol = Literal["single", "multi", "paragraph"]
 
 
@@ -67,12 +68,12 @@ class _FrameLoader:
         self, entry: ManifestEntry, mode: SamplingMode, generator: np.random.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t, s = self.sampling.num_frames, self.image_size
+        cfg = self.sampling.with_mode(mode)
         if self.cache is not None:
             cands = self.cache.get(entry)  # [N, S, S, 3] uint8 (memory-mapped)
-            idx, mask = select_indices(len(cands), t, mode, generator)
+            idx, mask = select_indices(len(cands), t, cfg.rule, generator)
             frames = np.asarray(cands[idx[mask]])  # [T', S, S, 3]
         else:
-            cfg = self.sampling.with_mode(mode)
             chosen: dict[str, np.ndarray] = {}
 
             def plan(info: Any) -> np.ndarray:
@@ -122,6 +123,21 @@ def _video_sample(
     }
 
 
+def caption_items(entries: Sequence[ManifestEntry], caption_mode: CaptionMode) -> list[tuple[int, int]]:
+    """The training items of an epoch: (video index into ``entries``, caption index or -1 for "draw one").
+
+    "all_pairs": every (video, caption) pair, as both official codes iterate (a paragraph dataset's manifest
+    holds one paragraph per video, so there it is one item per video); "random_per_video": one item per video,
+    its caption drawn anew each epoch. Videos without captions give no item.
+    """
+    if caption_mode not in CAPTION_MODES:
+        raise VidretError(f"caption_mode must be one of {list(CAPTION_MODES)}, got {caption_mode!r}")
+    with_captions = [i for i, e in enumerate(entries) if e.captions]
+    if caption_mode == "all_pairs":
+        return [(i, c) for i in with_captions for c in range(len(entries[i].captions))]
+    return [(i, -1) for i in with_captions]
+
+
 def _check_max_words(max_words: int) -> None:
     if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 2:
         raise VidretError(f"max_words must be an int >= 2 (room for start and end tokens), got {max_words!r}")
@@ -132,11 +148,11 @@ class TrainVideoDataset(Dataset[dict[str, Any]]):
 
     Args:
         entries: Manifest entries; entries without captions are left out.
-        sampling: Frame sampling (``mode="train"`` for random-in-segment frames).
+        sampling: Frame sampling (``mode="train"``: its ``train_sampling`` rule picks the frames).
         max_words: Token length L (with start and end tokens).
         cache: Frame cache to read (and fill on misses); None decodes every time.
         caption_mode: "random_per_video": one item per video, its caption drawn anew each epoch;
-            "per_caption": one item per (video, caption) pair.
+            "all_pairs": one item per (video, caption) pair (see ``caption_items``).
         seed: Base seed of the per-item generators.
         image_size: Frame side S.
         decoder: Decoder for cache misses / no cache (default PyAV).
@@ -154,8 +170,7 @@ class TrainVideoDataset(Dataset[dict[str, Any]]):
         decoder: VideoDecoder | None = None,
     ) -> None:
         _check_max_words(max_words)
-        if caption_mode not in ("random_per_video", "per_caption"):
-            raise VidretError(f"caption_mode must be 'random_per_video' or 'per_caption', got {caption_mode!r}")
+        self._items = caption_items(entries, caption_mode)
         self.entries = list(entries)
         self.sampling = sampling
         self.max_words = max_words
@@ -163,14 +178,9 @@ class TrainVideoDataset(Dataset[dict[str, Any]]):
         self.seed = seed
         self.epoch = 0
         self._loader = _FrameLoader(sampling, image_size, cache, decoder)
-        with_captions = [i for i, e in enumerate(self.entries) if e.captions]
-        if len(with_captions) < len(self.entries):
-            logger.info("%d videos without captions left out", len(self.entries) - len(with_captions))
-        # item -> (video index into entries, caption index or -1 for "draw one")
-        if caption_mode == "per_caption":
-            self._items = [(i, c) for i in with_captions for c in range(len(self.entries[i].captions))]
-        else:
-            self._items = [(i, -1) for i in with_captions]
+        n_without = sum(1 for e in self.entries if not e.captions)
+        if n_without:
+            logger.info("%d videos without captions left out", n_without)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose captions and frame positions the items draw."""
@@ -295,10 +305,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 __all__ = [
+    "CAPTION_MODES",
     "CaptionMode",
     "CaptionProtocol",
     "EvalTextDataset",
     "EvalVideoDataset",
     "TrainVideoDataset",
+    "caption_items",
     "collate",
 ]

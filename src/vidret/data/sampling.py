@@ -2,9 +2,18 @@
 
 Candidates are the centres of consecutive 1/fps-second bins over the video (or over its [start, end]
 segment, for LSMDC-style entries), at most ``max_candidates`` of them (longer videos get wider bins).
-From N candidates T frames are chosen by splitting the candidates into T equal runs: eval takes the
-centre of each run (deterministic), train a random member of each run (from the generator passed in).
-With N < T every candidate is kept, the rest of the T slots are padding and the mask says which.
+From N > T candidates a rule (``FrameRule``; one for training, one for evaluation) chooses T:
+
+- ``segment_random``: split the candidates into T equal runs, a random member of each run (the project's
+  training default; from the generator passed in);
+- ``segment_centre``: the centre of each run (the project's evaluation default);
+- ``mvadapter_floor``: candidate ``floor(i * N / T)``, i = 0..T-1 (official MV-Adapter,
+  ``dataloaders/retrieval_dt.py``, for training and testing alike);
+- ``cma_linspace``: ``np.linspace(0, N - 1, T, dtype=int)``, i.e. truncated, not rounded (official
+  Cross-Modal Adapter ``dataloaders_drl/dataloader_retrieval_images.py`` and CLIP4Clip's
+  ``slice_framepos=2``, training and testing alike).
+
+With N <= T every candidate is kept, the rest of the T slots are padding and the mask says which (all rules).
 
 The frame cache stores all candidates, so both choices happen at load time and cached and decoded
 frames are the same frames.
@@ -12,15 +21,18 @@ frames are the same frames.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from vidret.errors import VidretError
 
 SamplingMode = Literal["eval", "train"]
+FrameRule = Literal["segment_random", "segment_centre", "mvadapter_floor", "cma_linspace"]
+FRAME_RULES: tuple[FrameRule, ...] = get_args(FrameRule)
 
 
 @dataclass(frozen=True)
@@ -29,8 +41,10 @@ class SamplingConfig:
 
     num_frames: int = 12  # T: frames per video fed to the model
     fps: float = 1.0  # candidate rate before subsampling to T
-    mode: SamplingMode = "eval"  # eval: centre of each of T runs; train: random within each run
+    mode: SamplingMode = "eval"  # which of the two rules below applies
     max_candidates: int = 64  # cap on candidates per video (long videos: wider bins); also the cache's cap
+    train_sampling: FrameRule = "segment_random"  # how train mode picks T of the N candidates
+    eval_sampling: FrameRule = "segment_centre"  # how eval mode picks them (a deterministic rule)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or self.num_frames < 1:
@@ -43,10 +57,20 @@ class SamplingConfig:
             raise VidretError(
                 f"sampling.max_candidates must be an int >= num_frames ({self.num_frames}), got {self.max_candidates!r}"
             )
+        for name in ("train_sampling", "eval_sampling"):
+            if getattr(self, name) not in FRAME_RULES:
+                raise VidretError(f"sampling.{name} must be one of {list(FRAME_RULES)}, got {getattr(self, name)!r}")
+        if self.eval_sampling == "segment_random":
+            raise VidretError("sampling.eval_sampling must be deterministic: not 'segment_random'")
+
+    @property
+    def rule(self) -> FrameRule:
+        """The frame rule of the current mode."""
+        return self.train_sampling if self.mode == "train" else self.eval_sampling
 
     def with_mode(self, mode: SamplingMode) -> SamplingConfig:
         """The same sampling with another mode."""
-        return SamplingConfig(self.num_frames, self.fps, mode, self.max_candidates)
+        return dataclasses.replace(self, mode=mode)
 
 
 def segment_bounds(duration: float, start: float | None = None, end: float | None = None) -> tuple[float, float]:
@@ -92,10 +116,10 @@ def candidate_timestamps(
 def select_indices(
     num_candidates: int,
     num_frames: int,
-    mode: SamplingMode = "eval",
+    rule: FrameRule = "segment_centre",
     generator: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Choose T of N candidates.
+    """Choose T of N candidates by ``rule`` (see the module docstring).
 
     Returns:
         (indices int64 [T], mask bool [T]): ``indices[i]`` is a candidate index where ``mask[i]``;
@@ -113,14 +137,19 @@ def select_indices(
     # Run i covers candidates [lo_i, hi_i); each run is non-empty because N > T.
     edges = np.floor(np.arange(t + 1) * num_candidates / t).astype(np.int64)
     lo, hi = edges[:-1], edges[1:]
-    if mode == "eval":
+    if rule == "segment_centre":
         idx = (lo + hi - 1) // 2
-    elif mode == "train":
+    elif rule == "segment_random":
         if generator is None:
-            raise ValueError("train-mode sampling needs a seeded np.random.Generator")
+            raise ValueError("segment_random sampling needs a seeded np.random.Generator")
         idx = lo + np.floor(generator.random(t) * (hi - lo)).astype(np.int64)
+    elif rule == "mvadapter_floor":
+        idx = (np.arange(t, dtype=np.int64) * num_candidates) // t  # floor(i * N / T): each run's first member
+    elif rule == "cma_linspace":
+        # numpy's float linspace cast to int (truncation), exactly as the official code computes it
+        idx = np.linspace(0, num_candidates - 1, num=t, dtype=int).astype(np.int64)
     else:
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        raise ValueError(f"rule must be one of {list(FRAME_RULES)}, got {rule!r}")
     return idx, np.ones(t, dtype=bool)
 
 
@@ -133,11 +162,13 @@ def sample_timestamps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Times to decode for one video: (times float64 [T'] for the valid slots, mask bool [T])."""
     cands = candidate_timestamps(duration, config.fps, start, end, config.max_candidates)
-    idx, mask = select_indices(len(cands), config.num_frames, config.mode, generator)
+    idx, mask = select_indices(len(cands), config.num_frames, config.rule, generator)
     return cands[idx[mask]], mask
 
 
 __all__ = [
+    "FRAME_RULES",
+    "FrameRule",
     "SamplingConfig",
     "SamplingMode",
     "candidate_timestamps",

@@ -15,11 +15,14 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vidret.data.dataset import CaptionMode, CaptionProtocol
+from vidret.data.sampling import FrameRule, SamplingConfig, SamplingMode
 from vidret.errors import VidretError
 
 Precision = Literal["fp32", "bf16", "fp16"]
-CaptionMode = Literal["random_per_video", "per_caption"]
-CaptionProtocol = Literal["single", "multi", "paragraph"]
+OptimizerName = Literal["adamw", "bert_adam"]
+Schedule = Literal["cosine", "bert_warmup_cosine"]
+DecayRule = Literal["ndim", "mvadapter_names"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,9 @@ class DataConfig:
     fps: float = 1.0  # candidate frame rate before uniform subsampling to T
     image_size: int = 224  # frames are resized (short side) and centre-cropped to this
     max_words: int = 32  # text length in tokens (32, or 64 for paragraph datasets)
-    caption_mode: CaptionMode = "random_per_video"  # one random caption per video per epoch, or every caption
+    caption_mode: CaptionMode = "random_per_video"  # one random caption per video per epoch, or all_pairs
+    train_sampling: FrameRule = "segment_random"  # which T of the N candidate frames training takes
+    eval_sampling: FrameRule = "segment_centre"  # which T evaluation takes (deterministic rules only)
     test_protocol: CaptionProtocol = "single"  # single caption / every caption a query / paragraph
     cache_dir: str = ""  # frame cache folder ("" = decode on the fly)
     num_workers: int = 2  # DataLoader worker processes
@@ -45,27 +50,49 @@ class DataConfig:
             raise ValueError("data.num_workers must be >= 0")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError("data.max_bad_fraction must be in [0, 1]")
+        if self.eval_sampling == "segment_random":
+            raise ValueError("data.eval_sampling must be deterministic: not 'segment_random'")
+
+    def sampling(self, mode: SamplingMode) -> SamplingConfig:
+        """The frame sampling these settings describe, in train or eval mode."""
+        return SamplingConfig(
+            num_frames=self.num_frames,
+            fps=self.fps,
+            mode=mode,
+            train_sampling=self.train_sampling,
+            eval_sampling=self.eval_sampling,
+        )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup + cosine, as both papers."""
+    """Optimiser, schedule, clipping and decay groups.
 
+    The defaults are the project's own recipe (AdamW, cosine restarted after warmup, decay on tensors with 2+
+    dimensions); the paper configs select the official codes' BertAdam recipe (docs/methods.md, "Recipes").
+    """
+
+    name: OptimizerName = "adamw"  # adamw (torch, bias-corrected) or bert_adam (official codes: no bias correction)
+    schedule: Schedule = "cosine"  # cosine: restarted after warmup; bert_warmup_cosine: one cosine over the whole run
     lr: float = 1e-5  # peak learning rate of adapter parameters
     backbone_lr: float | None = None  # lr of backbone tensors a method trains (MV-Adapter biases); None = lr
-    weight_decay: float = 0.2  # on matrices; biases and norms get 0
+    weight_decay: float = 0.2  # on the adapter tensors decay_rule selects; the others get 0
     backbone_weight_decay: float = 0.2  # on backbone tensors a method trains (released MV-Adapter code: 0.2)
+    decay_rule: DecayRule = "ndim"  # ndim: decay tensors with 2+ dims; mvadapter_names: every name without "bias"
     betas: tuple[float, float] = (0.9, 0.98)  # CLIP's Adam betas
     eps: float = 1e-6  # CLIP's Adam epsilon
     warmup_ratio: float = 0.1  # share of steps with linear warmup
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    per_tensor_clip: float = 0.0  # bert_adam's max_grad_norm: each tensor's grad clipped to this norm (0 = off)
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("optim.warmup_ratio must be in [0, 1)")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("optim.grad_clip and optim.weight_decay must be >= 0")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.per_tensor_clip < 0:
+            raise ValueError("optim.grad_clip, optim.per_tensor_clip and optim.weight_decay must be >= 0")
+        if self.per_tensor_clip > 0 and self.name != "bert_adam":
+            raise ValueError("optim.per_tensor_clip is BertAdam's max_grad_norm: set optim.name=bert_adam or use 0")
 
 
 @dataclass(frozen=True)

@@ -40,14 +40,13 @@ from vidret.data.cache import FrameCache
 from vidret.data.dataset import TrainVideoDataset
 from vidret.data.decode import BadVideoReport
 from vidret.data.manifest import read_manifest
-from vidret.data.sampling import SamplingConfig
 from vidret.errors import VidretError
 from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel, build_model
 from vidret.procs import dataloader_worker_init
 from vidret.train import distributed as D
 from vidret.train.config import TrainConfig, save_config
-from vidret.train.optim import build_optimizer, lr_factor, set_lr
+from vidret.train.optim import BertAdam, build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +109,14 @@ def epoch_batches(n_items: int, global_batch: int, seed: int, epoch: int) -> lis
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n_items, generator=g).tolist()
     return [order[i * global_batch : (i + 1) * global_batch] for i in range(n_items // global_batch)]
+
+
+def step_plan(n_items: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimiser steps per epoch, total steps) for ``n_items`` training items: last partial batch dropped,
+    ``max_steps`` caps the total (the schedule then spans the capped run)."""
+    steps_per_epoch = n_items // cfg.global_batch
+    total = steps_per_epoch * cfg.epochs
+    return steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def rank_micro_batches(batch: list[int], grad_accum: int, info: D.DistInfo) -> list[list[int]]:
@@ -190,7 +197,20 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled, by earlier versions; never read 
 CHECKPOINT_FORMAT = "vidret-train-checkpoint"
 CHECKPOINT_VERSION = 1
 _DATA_NAME = re.compile(rf"{CHECKPOINT_STEM}-[0-9a-f]{{{atomic.HASH_CHARS}}}\.safetensors")
-_CONFIG_KEYS = ("backbone", "method", "preset", "method_options", "global_batch", "grad_accum", "seed")
+# what a resumed run must share with the checkpoint (dotted: nested keys): the model, the optimiser state's layout
+# and the item order of an epoch
+_CONFIG_KEYS = (
+    "backbone",
+    "method",
+    "preset",
+    "method_options",
+    "global_batch",
+    "grad_accum",
+    "seed",
+    "optim.name",
+    "optim.decay_rule",
+    "data.caption_mode",
+)
 
 
 def save_checkpoint(
@@ -274,11 +294,13 @@ def load_checkpoint(
         raise bad_file(f"unsupported format {meta['format']!r} version {meta['version']!r}")
     saved = meta["config"]
     current = json.loads(json.dumps(cfg.to_dict()))  # compare as the manifest stores it (tuples are lists)
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # a key older checkpoints lack meant its default
     for key in _CONFIG_KEYS:
-        if saved.get(key) != current.get(key):
+        was, now = _dotted(saved, key, _dotted(defaults, key)), _dotted(current, key)
+        if was != now:
             raise VidretError(
-                f"checkpoint {path} was written with {key}={saved.get(key)!r} but the config says "
-                f"{current.get(key)!r}; resume with the same config or use another out_dir"
+                f"checkpoint {path} was written with {key}={was!r} but the config says "
+                f"{now!r}; resume with the same config or use another out_dir"
             )
     data = out_dir / meta["data"]["file"]
     try:
@@ -309,6 +331,14 @@ def load_checkpoint(
     p = meta["position"]
     loss = float("nan") if p["loss"] is None else float(p["loss"])
     return _Checkpoint(p["step"], p["epoch"], p["step_in_epoch"], loss), list(meta["bad_videos"])
+
+
+def _dotted(d: Any, key: str, missing: Any = None) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return missing
+        d = d[part]
+    return d
 
 
 def _expect(cond: bool, what: str) -> None:
@@ -413,6 +443,8 @@ def _optimizer_state(opt: torch.optim.Optimizer, saved: dict[str, Any], tensors:
             required = {"step", "exp_avg", "exp_avg_sq"} | (
                 {"max_exp_avg_sq"} if groups[group_of[idx]].get("amsgrad") else set()
             )
+        elif isinstance(opt, BertAdam):
+            required = {"exp_avg", "exp_avg_sq"}
         _expect(required <= set(per_param), f"state of parameter {idx}: missing {sorted(required - set(per_param))}")
         for key, t in per_param.items():
             if not isinstance(t, Tensor):
@@ -477,7 +509,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     if not cfg.data.train_manifest:
         raise VidretError("data.train_manifest is not set")
     entries = read_manifest(cfg.data.train_manifest)
-    sampling = SamplingConfig(num_frames=cfg.data.num_frames, fps=cfg.data.fps, mode="train")
+    sampling = cfg.data.sampling("train")
     cache = FrameCache(cfg.data.cache_dir, sampling, cfg.data.image_size) if cfg.data.cache_dir else None
     dataset = TrainVideoDataset(
         entries,
@@ -494,14 +526,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             f"global_batch {cfg.global_batch} must be divisible by grad_accum x world_size "
             f"({cfg.grad_accum} x {info.world_size})"
         )
-    steps_per_epoch = len(dataset) // cfg.global_batch
+    steps_per_epoch, total_steps = step_plan(len(dataset), cfg)
     if steps_per_epoch == 0:
         raise VidretError(
             f"the training set has {len(dataset)} items, fewer than one global batch ({cfg.global_batch})"
         )
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
 
     # --- model: identical initialisation on every rank (same seed), trainables in fp32
     seed_everything(cfg.seed)
@@ -593,7 +622,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                         p.grad.div_(info.world_size)
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            factor = lr_factor(step, total_steps, cfg.optim.warmup_ratio)
+            factor = lr_factor(step, total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule)
             set_lr(opt, factor)
             opt.step()
             opt.zero_grad(set_to_none=True)
