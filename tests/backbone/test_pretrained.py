@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
+from tests.backbone.torchscript import write_torchscript
 from vidret.backbone import pretrained
 from vidret.backbone.clip import CLIP, get_config
 from vidret.backbone.convert import from_openai, load_state_dict_strict, to_hf, to_openai
@@ -72,28 +72,6 @@ def _assert_same_outputs(a: CLIP, b: CLIP) -> None:
         assert torch.equal(a.encode_text(TOKENS), b.encode_text(TOKENS))
 
 
-class _Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _write_torchscript(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """An OpenAI-style TorchScript archive: a scripted module tree whose state_dict has the given keys."""
-    root = _Holder()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        node: nn.Module = root
-        for name in parents:
-            if name not in node._modules:
-                node.add_module(name, _Holder())
-            node = node._modules[name]  # type: ignore[assignment]
-        if value.is_floating_point():
-            node.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:
-            node.register_buffer(leaf, value.clone())
-    torch.jit.script(root).save(str(path))
-
-
 def _openai_file_sd(seed: int = 0) -> dict[str, torch.Tensor]:
     """What OpenAI ships: OpenAI keys, fp16 weights, three scalar buffers."""
     sd = {k: v.half() for k, v in to_openai(_ours(seed)).items()}
@@ -107,7 +85,7 @@ def _openai_file_sd(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_openai_torchscript_archive_loads_like_its_state_dict(tmp_path: Path) -> None:
     sd = _openai_file_sd()
     path = tmp_path / "ViT-tiny.pt"
-    _write_torchscript(sd, path)
+    write_torchscript(sd, path)
     ckpt = load_checkpoint(path)
     assert (ckpt.format, ckpt.layout, ckpt.config.name) == ("torchscript", "openai", "pocket-tiny")
     model = load_backbone(path)
@@ -174,7 +152,7 @@ def test_hf_directory_with_gelu_is_refused(tmp_path: Path) -> None:
 def test_convert_checkpoint_to_safetensors(tmp_path: Path) -> None:
     src = tmp_path / "ViT-tiny.pt"
     sd = _openai_file_sd(seed=2)
-    _write_torchscript(sd, src)
+    write_torchscript(sd, src)
     out = convert_checkpoint(src, tmp_path)
     assert out == tmp_path / "ViT-tiny.safetensors"
     with safe_open(str(out), framework="pt") as f:
@@ -242,7 +220,7 @@ def test_truncated_file(tmp_path: Path, kind: str) -> None:
     elif kind == "safetensors":
         save_file(_ours(), str(path))
     else:
-        _write_torchscript(_openai_file_sd(), path)
+        write_torchscript(_openai_file_sd(), path)
     data = path.read_bytes()
     half = tmp_path / f"half.{kind}"
     half.write_bytes(data[: len(data) // 2])
@@ -341,7 +319,7 @@ def server() -> Iterator[_Server]:
 def published(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, PretrainedSource]:
     """A tiny OpenAI-style TorchScript file served as pretrained name 'tiny'."""
     path = tmp_path / "published.pt"
-    _write_torchscript(_openai_file_sd(seed=5), path)
+    write_torchscript(_openai_file_sd(seed=5), path)
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     server.payloads[f"/clip/{digest}/ViT-tiny.pt"] = data

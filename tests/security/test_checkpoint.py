@@ -18,38 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.train.test_loop import cfg_dict
 from vidret.adapters.io import weights_file
 from vidret.atomic import sha256_file
 from vidret.errors import VidretError
 from vidret.train.config import config_from_dict
 from vidret.train.loop import train
 
-MV_TINY = {"r": 8, "cmt_layers": [0, 1], "num_frames": 8, "max_words": 16}
-
 
 def cfg(world: Path, out: Path, **kw: Any) -> Any:
-    d: dict[str, Any] = {
-        "backbone": "random:pocket-tiny",
-        "method": "mv_adapter",
-        "method_options": MV_TINY,
-        "data": {
-            "train_manifest": str(world / "train.jsonl"),
-            "num_frames": 8,
-            "image_size": 32,
-            "max_words": 16,
-            "num_workers": 0,
-        },
-        "optim": {"lr": 1e-3},
-        "epochs": 2,
-        "global_batch": 4,  # 10 clips: 2 steps per epoch
-        "precision": "fp32",
-        "out_dir": str(out),
-        "checkpoint_every": 1,
-        "log_every": 1,
-        "device": "cpu",
-    }
-    d.update(kw)
-    return config_from_dict(d)
+    """The loop tests' tiny MV-Adapter run (10 clips, batch 4: 2 steps per epoch) with overrides."""
+    return config_from_dict(cfg_dict(world, out, **kw))
 
 
 class _Evil:

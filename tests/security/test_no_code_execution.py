@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.backbone.torchscript import script_tree
 from vidret.backbone.clip import CLIP, get_config
 from vidret.backbone.convert import to_openai
 from vidret.backbone.pretrained import load_backbone, load_checkpoint
@@ -72,34 +73,10 @@ class _FileWriter(nn.Module):
         self.buf.fill_(65)
 
 
-class _Holder(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-
 def _tiny_clip_openai_sd() -> dict[str, Tensor]:
     torch.manual_seed(0)
     sd = {k: v.half() for k, v in to_openai(CLIP(get_config("pocket-tiny")).state_dict()).items()}
     return sd | {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77)}
-
-
-def _script_tree(sd: dict[str, Tensor], extra: dict[str, nn.Module] | None = None) -> nn.Module:
-    """An OpenAI-style module tree (what OpenAI's .pt files script) holding ``sd`` plus ``extra`` children."""
-    root = _Holder()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        node: nn.Module = root
-        for name in parents:
-            if name not in node._modules:
-                node.add_module(name, _Holder())
-            node = node._modules[name]  # type: ignore[assignment]
-        if value.is_floating_point():
-            node.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:
-            node.register_buffer(leaf, value.clone())
-    for name, module in (extra or {}).items():
-        root.add_module(name, module)
-    return root
 
 
 # ------------------------------------------------------------------ (i) equals torch.jit.load on benign
@@ -163,7 +140,7 @@ def test_safe_reader_equals_torch_jit_load_on_a_benign_archive(tmp_path: Path) -
 def test_openai_style_archive_loads_through_the_backbone_loader(tmp_path: Path) -> None:
     sd = _tiny_clip_openai_sd()
     path = tmp_path / "ViT-tiny.pt"
-    torch.jit.script(_script_tree(sd)).save(str(path))
+    torch.jit.script(script_tree(sd)).save(str(path))
     ckpt = load_checkpoint(path)
     assert (ckpt.format, ckpt.layout, ckpt.config.name) == ("torchscript", "openai", "pocket-tiny")
     ref = torch.jit.load(str(path)).state_dict()
@@ -174,7 +151,7 @@ def test_openai_style_archive_loads_through_the_backbone_loader(tmp_path: Path) 
 def test_scripted_setstate_in_a_backbone_archive_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "written-by-the-archive"
     path = tmp_path / "ViT-B-16.pt"
-    torch.jit.script(_script_tree(_tiny_clip_openai_sd(), {"payload": _FileWriter(str(marker))})).save(str(path))
+    torch.jit.script(script_tree(_tiny_clip_openai_sd(), {"payload": _FileWriter(str(marker))})).save(str(path))
     assert not marker.exists()
 
     with pytest.raises(VidretError, match=r"payload .*scripted __setstate__.*never runs") as info:
