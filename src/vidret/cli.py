@@ -89,7 +89,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from vidret.data.converters import convert
 
     report = convert(args.dataset, args.annotations, args.videos, args.out)
-    print(report.summary() if hasattr(report, "summary") else report)
+    print(report.format_report())
     return 0
 
 
@@ -98,7 +98,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     report = check_manifest(args.manifest, decode=not args.no_decode, max_videos=args.max_videos)
     print(report.format_report())
-    return 0
+    return 0 if report.ok else 1  # a script must be able to tell "problems found"
 
 
 def cmd_data_preprocess(args: argparse.Namespace) -> int:

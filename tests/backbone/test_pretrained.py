@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import urllib.error
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -464,3 +465,20 @@ def test_pretrained_name_must_hold_its_architecture(
     monkeypatch.setitem(PRETRAINED, "tiny", PretrainedSource("ViT-B-32", src.url, src.sha256))
     with pytest.raises(VidretError, match="holds a pocket-tiny architecture, not ViT-B-32"):
         load_backbone("tiny", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_a_host_that_does_not_resolve_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An offline machine fails the name lookup: that is not worth the retries (about 20 s with the real waits).
+    monkeypatch.setattr(pretrained, "_RETRY_WAITS_S", (60.0, 60.0))  # a retry would make this test hang
+    calls: list[str] = []
+
+    def no_dns(req: Any, timeout: float = 0) -> Any:
+        calls.append(req.full_url)
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", no_dns)
+    url = f"https://weights.invalid/{'a' * 64}/ViT-tiny.pt"
+    monkeypatch.setitem(PRETRAINED, "tiny", PretrainedSource("pocket-tiny", url, "a" * 64))
+    with pytest.raises(VidretError, match="no network") as info:
+        load_backbone("tiny", cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1 and "load_backbone('/path/ViT-tiny.pt')" in str(info.value)

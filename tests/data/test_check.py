@@ -121,3 +121,15 @@ def test_check_real_msrvtt_clips(tmp_path: Path) -> None:
     assert r.ok, r.format_report()
     assert r.probed == len(clips) == r.videos
     assert r.durations is not None and 10.0 < r.durations[0] <= r.durations[2] < 31.0  # clips are 11-30 s
+
+
+def test_check_command_exit_code_tells_scripts_about_problems(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vidret.cli import main
+
+    assert main(["data", "check", str(corpus), "--no-decode"]) == 1
+    assert "PROBLEMS FOUND" in capsys.readouterr().out
+    _write_video(tmp_path / "x.mp4")
+    write_manifest(tmp_path / "ok.jsonl", [ManifestEntry("x", "x.mp4", ("caption",))])
+    assert main(["data", "check", str(tmp_path / "ok.jsonl")]) == 0

@@ -490,3 +490,17 @@ def test_user_errors(tmp_path: Path) -> None:
     saved = json.loads((out / REPORT_NAME).read_text())
     assert saved["splits"]["train"]["dropped_rows"]["missing video file"] == 58  # 20 + 18 + 20
     assert not (out / "train.jsonl").exists()
+
+
+def test_convert_command_prints_the_readable_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vidret.cli import main
+
+    ann, vids, out = tmp_path / "ann", tmp_path / "videos", tmp_path / "out"
+    ann.mkdir()
+    (ann / "train.csv").write_text("path,caption\nclips/a.mp4,a cat\nclips/gone.mp4,nobody here\n")
+    _touch(vids, "clips/a.mp4")
+    argv = ["data", "convert", "--dataset", "generic", "--annotations", str(ann), "--videos", str(vids)]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ConversionReport(" not in printed  # was the dataclass repr
+    assert "train: 1 videos, 1 captions" in printed and "missing video file 1" in printed

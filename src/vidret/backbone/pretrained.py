@@ -25,6 +25,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -240,6 +241,8 @@ def _download_locked(name: str, src: PretrainedSource, target: Path, progress: b
             raise VidretError(_manual_hint(name, src, target, str(e))) from e
         except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, early close
             last_error = e
+            if _no_network(e):  # retrying a failed name lookup only delays the offline message by ~20 s
+                raise VidretError(_manual_hint(name, src, target, f"no network ({e})")) from e
             if attempt < len(_RETRY_WAITS_S):
                 log.warning("download of %s interrupted (%s); retrying", src.url, e)
                 time.sleep(_RETRY_WAITS_S[attempt])
@@ -262,6 +265,12 @@ def _download_locked(name: str, src: PretrainedSource, target: Path, progress: b
         raise VidretError(f"cannot move the verified download {part} to {target}: {e}") from e
     _write_stamp(target, digest)
     return target
+
+
+def _no_network(e: BaseException) -> bool:
+    """A failure no retry can fix: the host name does not resolve (offline machine, no DNS)."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    return isinstance(reason, socket.gaierror)
 
 
 def _fetch(url: str, part: Path, progress: bool) -> None:
