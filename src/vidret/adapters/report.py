@@ -36,15 +36,26 @@ def _meta_backbone(backbone: str) -> CLIP:
         return CLIP(get_config(backbone))
 
 
+def preset_fits(preset: str, backbone: str) -> bool:
+    """Whether a preset is sized for ``backbone``'s family: ``*_vitl`` for ViT-L, ``pocket*`` for the pocket CLIPs."""
+    family = "vitl" if backbone.startswith("ViT-L") else "pocket" if backbone.startswith("pocket") else "vitb"
+    named = "vitl" if preset.endswith("_vitl") else "pocket" if preset.startswith("pocket") else "vitb"
+    return family == named
+
+
 def method_report(method: str, backbone: str = "ViT-B-16", preset: str | None = None, **overrides: Any) -> list[dict]:
     """One row per preset (``preset="all"`` for every preset): counts, share, file size, the paper's figure."""
     from vidret.model import build_model, parameter_report
 
     spec = get_method(method)
-    presets: list[str | None] = list(sorted(spec.presets)) if preset == "all" else [preset]
+    if preset == "all":
+        presets: list[str | None] = [p for p in sorted(spec.presets) if preset_fits(p, backbone)]
+    else:
+        presets = [preset]
     rows = []
     for p in presets:
-        model = build_model(_meta_backbone(backbone), method, preset=p, **overrides)
+        with torch.device("meta"):  # the adapter modules too: counting must not allocate a ViT-L's adapters
+            model = build_model(_meta_backbone(backbone), method, preset=p, **overrides)
         rep = parameter_report(model)
         rows.append(
             {
@@ -67,14 +78,16 @@ def method_report(method: str, backbone: str = "ViT-B-16", preset: str | None = 
 
 def format_report(rows: list[dict]) -> str:
     """A plain-text table of ``method_report`` rows, with the method's reference note."""
+    w = max([20, *(len(str(r["preset"])) + 1 for r in rows)])  # long preset names must not shift the columns
+    b = max([9, *(len(r["backbone"]) for r in rows)])
     head = (
-        f"{'preset':20s} {'backbone':9s} {'trainable':>11s} {'(adapter':>10s} {'+backbone)':>11s} {'share %':>8s} "
+        f"{'preset':{w}s} {'backbone':{b}s} {'trainable':>11s} {'(adapter':>10s} {'+backbone)':>11s} {'share %':>8s} "
         f"{'fp32 MB':>8s}  paper"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{str(r['preset']):20s} {r['backbone']:9s} {r['trainable']:>11,d} {r['adapter_modules']:>10,d} "
+            f"{str(r['preset']):{w}s} {r['backbone']:{b}s} {r['trainable']:>11,d} {r['adapter_modules']:>10,d} "
             f"{r['backbone_trained']:>11,d} {r['percent']:>8.3f} {r['mb_fp32']:>8.2f}  {r['paper']}"
         )
     if rows:
