@@ -293,3 +293,14 @@ def test_copying_the_collection_keeps_records_absolute(tmp_path: Path, built_ind
     idx = VideoIndex.load(tmp_path / "copy")
     assert all(os.path.isabs(r.path) and Path(r.path).is_file() for r in idx.records)
     assert np.isfinite(idx.vectors.numpy()).all()
+
+
+def test_float16_storage_keeps_cosine_scores_at_most_one(tmp_path: Path) -> None:
+    # Vectors are normalised in float32, then rounded to float16 on disk: renormalised after the cast on load, a
+    # video queried with its own (float32) vector scores 1, not 1.0001.
+    vectors = torch.nn.functional.normalize(torch.randn(64, 512, generator=torch.Generator().manual_seed(0)), dim=-1)
+    VideoIndex.from_vectors(vectors, settings=IndexSettings(dtype="float16")).save(tmp_path / "ix")
+    loaded = VideoIndex.load(tmp_path / "ix")
+    scores, rows = loaded.search(vectors, 1)
+    assert rows[:, 0].tolist() == list(range(64))
+    assert float(scores.max()) <= 1.0 + 1e-6 and float(scores.min()) > 0.999

@@ -405,13 +405,16 @@ class VideoIndex:
             return s == (n, e) if pooled else (len(s) == 3 and s[0] == n and s[2] == e)
 
         want = f"({n}, {e})" if pooled else f"({n}, T, {e})"
-        feats = torch.from_numpy(read_npy(feature_path, "features", ("float16", "float32"), shape_ok, want)).float()
+        stored = read_npy(feature_path, "features", ("float16", "float32"), shape_ok, want)
+        feats = torch.from_numpy(stored).float()
         if not _all_finite(feats):
             rows = _non_finite_rows(feats)
             raise VidretError(
                 f"index file {feature_path} holds NaN/Inf vectors (rows {rows}, videos "
                 f"{[records[r].video_id for r in rows]}); rebuild the index with an adapter whose weights are finite"
             )
+        if pooled and stored.dtype == np.float16:  # renormalised after the cast: cosine scores stay <= 1
+            feats = F.normalize(feats, dim=-1)
         chosen: Backend = backend or m.backend
         if m.kind == "pooled":
             idx = cls(records, m.identity, m.settings, vectors=feats, backend_name="exact", root=m.root)
