@@ -18,6 +18,8 @@ from typing import Any
 from vidret.errors import VidretError
 
 Handler = Callable[[argparse.Namespace], int]
+# deterministic frame rules (vidret.data.sampling.FrameRule less segment_random): eval / index --sampling
+EVAL_RULES = ("segment_centre", "mvadapter_floor", "cma_linspace")
 
 
 def _print_json(obj: Any) -> None:
@@ -168,24 +170,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vidret.adapters.io import load_adapter, read_adapter
-    from vidret.eval.evaluate import evaluate_model
+    from vidret.adapters.io import load_adapter, read_adapter, recorded_eval_settings
+    from vidret.eval.evaluate import evaluate_model, settings_for_adapter
     from vidret.eval.metrics import format_metrics
+    from vidret.retrieval.build import load_backbone_spec, resolve_backbone
     from vidret.train.config import DataConfig
-    from vidret.train.loop import load_backbone_for, resolve_device
+    from vidret.train.loop import resolve_device
 
     meta, _ = read_adapter(args.adapter)
-    backbone = args.backbone or meta.get("extra", {}).get("backbone_source")
-    if not backbone:
-        raise VidretError("pass --backbone NAME|PATH: the backbone this adapter was trained on")
-    clip = load_backbone_for(backbone)
+    # a recorded pretrained name is followed; a recorded file path only when the user names it (docs/security.md)
+    clip = load_backbone_spec(resolve_backbone(args.backbone, meta, adapter=args.adapter))
     model = load_adapter(clip, args.adapter)
     device = resolve_device(args.device)
     model.to(device)
+    # the flag, else what the adapter's training recipe recorded, else the defaults of older adapters
+    default = DataConfig()
+    settings, notices = settings_for_adapter(
+        recorded_eval_settings(meta),
+        {"num_frames": args.frames, "max_words": args.max_words, "sampling": args.sampling, "protocol": args.protocol},
+        {
+            "num_frames": default.num_frames,
+            "max_words": default.max_words,
+            "sampling": default.eval_sampling,
+            "protocol": default.test_protocol,
+            "fps": default.fps,
+            "image_size": clip.config.vision.image_size,
+        },
+    )
+    for line in notices:
+        print(line, file=sys.stderr)
     data = DataConfig(
-        num_frames=args.frames,
-        max_words=args.max_words,
-        image_size=clip.config.vision.image_size,
+        num_frames=settings["num_frames"],
+        max_words=settings["max_words"],
+        eval_sampling=settings["sampling"],
+        test_protocol=settings["protocol"],
+        fps=settings["fps"],
+        image_size=settings["image_size"],
         num_workers=args.workers,
         cache_dir=args.cache or "",
     )
@@ -195,7 +215,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data,
         device=device,
         precision=args.precision,
-        protocol=args.protocol,
         pairs_file=args.pairs,
         query_bank=args.qb_bank,
         query_bank_size=args.qb_bank_size,
@@ -375,9 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", required=True)
     s.add_argument("--manifest", required=True)
     s.add_argument("--backbone", default=None, help="backbone name or checkpoint (default: the one recorded)")
-    s.add_argument("--protocol", default="single", choices=["single", "multi", "paragraph"])
-    s.add_argument("--frames", type=int, default=12)
-    s.add_argument("--max-words", type=int, default=32)
+    recorded = "default: the adapter's recorded setting, else"
+    s.add_argument(
+        "--protocol", default=None, choices=["single", "multi", "paragraph"], help=f"test protocol ({recorded} single)"
+    )
+    s.add_argument("--frames", type=int, default=None, help=f"frames per video ({recorded} 12)")
+    s.add_argument("--max-words", type=int, default=None, help=f"text length in tokens ({recorded} 32)")
+    s.add_argument("--sampling", default=None, choices=EVAL_RULES, help=f"frame rule ({recorded} segment_centre)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--cache", default=None)
     s.add_argument("--device", default="auto")
@@ -411,7 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", default=None)
     s.add_argument("--out", required=True)
     s.add_argument("--update", action="store_true", help="add new / drop deleted videos, keep the rest")
-    s.add_argument("--frames", type=int, default=None, help="frames per video (default 12; --update: the index's)")
+    s.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames per video (default: the adapter's, else 12; --update: the index's)",
+    )
+    s.add_argument(
+        "--max-words", type=int, default=None, help="query length in tokens (default: the adapter's, else 32)"
+    )
+    s.add_argument(
+        "--sampling", default=None, choices=EVAL_RULES, help="frame rule (default: the adapter's, else segment_centre)"
+    )
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--backend", choices=["exact", "faiss"], default=None, help="search backend (default exact)")
     s.add_argument("--nlist", type=int, default=None, help="FAISS IVF lists (default ~sqrt(N))")

@@ -50,6 +50,25 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype codes a trainable parameter can have
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
 _FIX = "the adapter folder is damaged or not a vidret adapter; save it again or get an intact copy"
+# extra.eval: the training recipe's evaluation settings, the defaults of `vidret eval` / `vidret index`. The
+# literals repeat vidret.data's FrameRule (less segment_random) and CaptionProtocol: model code imports no data
+# code, and a test keeps them equal.
+EvalSampling = Literal["segment_centre", "mvadapter_floor", "cma_linspace"]
+EvalProtocol = Literal["single", "multi", "paragraph"]
+EVAL_SETTINGS: dict[str, Any] = {
+    "num_frames": int,  # T frames per video (data.num_frames)
+    "max_words": int,  # text length in tokens (data.max_words)
+    "sampling": EvalSampling,  # which T of the N candidate frames (data.eval_sampling)
+    "fps": float,  # candidate frame rate (data.fps)
+    "max_candidates": int,  # cap on candidates per video
+    "protocol": EvalProtocol,  # test protocol (data.test_protocol)
+    "image_size": int,  # frame side in pixels (data.image_size; the backbone interpolates its positions)
+}
+# bounds on what a crafted adapter.json can make eval decode per video, far beyond any trainable recipe
+_MAX_EVAL_FRAMES = 512
+_MAX_EVAL_CANDIDATES = 4096
+_MAX_EVAL_FPS = 1000.0
+_MAX_EVAL_IMAGE_SIZE = 2048
 
 
 # ----------------------------------------------------------------------------- writing
@@ -393,15 +412,18 @@ def _check_meta(meta: Any, meta_path: Path) -> None:
     _require(meta, "config", dict, "", meta_path)
     _require(meta, "backbone", dict, "", meta_path)
     _require(meta, "extra", dict, "", meta_path, required=False)
-    if "extra" in meta:  # `vidret eval` loads the backbone this names when --backbone is not given
+    if "extra" in meta:  # `vidret eval` / `index` follow this backbone when it is a pretrained name
         _require(meta["extra"], "backbone_source", str, "extra.", meta_path, required=False)
+        _require(meta["extra"], "eval", dict, "extra.", meta_path, required=False)
     stated = meta.get("trainable_parameters")
     if stated is not None and not (_matches(stated, int) and stated >= 0):
         raise _bad(meta_path, "trainable_parameters", f"must be a non-negative integer, got {stated!r}")
     for key in ("name", "fingerprint"):
         _require(meta["backbone"], key, str, "backbone.", meta_path)
     _require(meta["backbone"], "config", dict, "backbone.", meta_path)
-    _clip_config(meta, meta_path)
+    arch = _clip_config(meta, meta_path)
+    if "eval" in meta.get("extra", {}):
+        _check_eval_settings(meta["extra"]["eval"], arch, meta_path)
     spec = get_method(meta["method"])
     _check_types(spec.config_cls, meta["config"], "config", meta_path)
     try:
@@ -420,6 +442,44 @@ def _check_meta(meta: Any, meta_path: Path) -> None:
             )
         if not _SHA256.fullmatch(w["sha256"]):
             raise _bad(meta_path, "weights.sha256", f"must be 64 lowercase hex digits, got {w['sha256']!r}")
+
+
+def recorded_eval_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation settings an adapter's training recipe recorded (``extra.eval``; {} for older adapters).
+
+    ``meta`` comes from :func:`read_adapter_meta` / :func:`read_adapter`, which checked the block's types and
+    ranges; the keys are those of :data:`EVAL_SETTINGS`, each present only if recorded.
+    """
+    extra = meta.get("extra")
+    block = extra.get("eval") if isinstance(extra, Mapping) else None
+    return dict(block) if isinstance(block, Mapping) else {}
+
+
+def _check_eval_settings(block: Mapping[str, Any], arch: CLIPConfig, meta_path: Path) -> None:
+    """``extra.eval``: known keys only, each of its type and within the range the backbone and decoding allow."""
+    unknown = sorted(set(block) - set(EVAL_SETTINGS))
+    if unknown:
+        raise _bad(meta_path, "extra.eval", f"has unknown keys {unknown} (known: {', '.join(EVAL_SETTINGS)})")
+    for key, tp in EVAL_SETTINGS.items():
+        _require(block, key, tp, "extra.eval.", meta_path, required=False)
+    frames = block.get("num_frames", 1)
+    bounds: dict[str, tuple[float, float, str]] = {
+        "num_frames": (1, _MAX_EVAL_FRAMES, ""),
+        "max_words": (2, arch.text.context_length, " (the backbone's text context length)"),
+        "max_candidates": (frames, _MAX_EVAL_CANDIDATES, " (and at least num_frames)"),
+    }
+    for key, (lo, hi, why) in bounds.items():
+        if key in block and not lo <= block[key] <= hi:
+            raise _bad(meta_path, f"extra.eval.{key}", f"must be between {lo} and {hi}{why}, got {block[key]!r}")
+    if "fps" in block and not 0 < block["fps"] <= _MAX_EVAL_FPS:
+        raise _bad(meta_path, "extra.eval.fps", f"must be in (0, {_MAX_EVAL_FPS:g}], got {block['fps']!r}")
+    size, patch = block.get("image_size"), arch.vision.patch_size
+    if size is not None and not patch <= size <= _MAX_EVAL_IMAGE_SIZE:
+        raise _bad(
+            meta_path,
+            "extra.eval.image_size",
+            f"must be between the backbone's patch size {patch} and {_MAX_EVAL_IMAGE_SIZE}, got {size!r}",
+        )
 
 
 def _clip_config(meta: Mapping[str, Any], meta_path: Path) -> CLIPConfig:

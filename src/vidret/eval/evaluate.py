@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,49 @@ from vidret.data.cache import FrameCache
 from vidret.data.dataset import EvalVideoDataset, collate
 from vidret.data.decode import BadVideoReport
 from vidret.data.manifest import ManifestEntry, read_manifest
-from vidret.data.sampling import SamplingConfig
 from vidret.errors import VidretError
 from vidret.eval import metrics as M
 from vidret.heads import VideoFeatures
 from vidret.model import VideoTextModel
 from vidret.procs import dataloader_worker_init
+
+# The evaluation settings an adapter records (adapters/io.py EVAL_SETTINGS) that a flag may override:
+# settings key -> (flag, the word after the recorded value in the notice)
+EVAL_FLAGS: dict[str, tuple[str, str]] = {
+    "num_frames": ("--frames", "frames"),
+    "max_words": ("--max-words", "words"),
+    "sampling": ("--sampling", "sampling"),
+    "protocol": ("--protocol", "protocol"),
+}
+
+
+def settings_for_adapter(
+    recorded: Mapping[str, Any], given: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Each setting from the user's flag, else the adapter's recorded value, else the default.
+
+    Args:
+        recorded: the adapter's recorded settings (``vidret.adapters.io.recorded_eval_settings``; {} for
+            adapters saved before they were recorded, which therefore keep the defaults).
+        given: the user's flag values by settings key (None: not given).
+        defaults: a value for every setting the caller needs; the result has exactly these keys.
+
+    Returns:
+        (settings, notices): one ``note: --frames 12 overrides the adapter's 8 frames`` line per flag whose value
+        differs from the recorded one, for the caller to print on stderr.
+    """
+    settings: dict[str, Any] = {}
+    notices: list[str] = []
+    for key, default in defaults.items():
+        value = given.get(key)
+        if value is None:
+            settings[key] = recorded.get(key, default)
+            continue
+        settings[key] = value
+        if key in recorded and recorded[key] != value:
+            flag, word = EVAL_FLAGS.get(key, (f"--{key.replace('_', '-')}", key))
+            notices.append(f"note: {flag} {value} overrides the adapter's {recorded[key]} {word}")
+    return settings, notices
 
 
 def captions_for(entries: list[ManifestEntry], protocol: str) -> tuple[list[str], list[int]]:
@@ -86,8 +124,11 @@ def encode_videos(
     precision: str = "fp32",
     batch_size: int = 32,
 ) -> tuple[VideoFeatures, list[bool], list[str]]:
-    """Encode every video; returns per-frame features [N, T, E], which videos decoded, and the bad ones' ids."""
-    sampling = SamplingConfig(num_frames=data_cfg.num_frames, fps=data_cfg.fps, mode="eval")
+    """Encode every video; returns per-frame features [N, T, E], which videos decoded, and the bad ones' ids.
+
+    Frames follow the data config's evaluation rule (``data.eval_sampling``), as the recipe trained.
+    """
+    sampling = data_cfg.sampling("eval")
     cache = FrameCache(data_cfg.cache_dir, sampling, data_cfg.image_size) if data_cfg.cache_dir else None
     ds = EvalVideoDataset(entries, sampling, cache=cache, image_size=data_cfg.image_size)
     loader = torch.utils.data.DataLoader(
@@ -221,9 +262,18 @@ def evaluate_model(
     video_dev = VideoFeatures(video.frames.to(device), video.mask.to(device))
     sim = similarity_matrix(model, text, video_dev)
     owner_t = torch.tensor(owner, dtype=torch.long)
+    sampling = data_cfg.sampling("eval")
     result: dict[str, Any] = {
         "manifest": str(manifest),
         "protocol": protocol,
+        "settings": {
+            "num_frames": sampling.num_frames,
+            "max_words": data_cfg.max_words,
+            "sampling": sampling.eval_sampling,
+            "fps": sampling.fps,
+            "max_candidates": sampling.max_candidates,
+            "image_size": data_cfg.image_size,
+        },
         "n_videos": len(entries_kept),
         "n_queries": len(texts),
         "bad_videos": bad,

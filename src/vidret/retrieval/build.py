@@ -24,7 +24,6 @@ from vidret.data.cache import FrameCache, file_identity
 from vidret.data.dataset import EvalVideoDataset, collate
 from vidret.data.decode import BadVideoError, BadVideoReport, PyAVDecoder
 from vidret.data.manifest import ManifestEntry, read_manifest
-from vidret.data.sampling import SamplingConfig
 from vidret.errors import VidretError
 from vidret.heads import VideoFeatures
 from vidret.retrieval.backends import mean_pool
@@ -187,8 +186,8 @@ def build_index(
         model: a VideoTextModel in eval mode (its device is used).
         source: a folder of videos (searched recursively), a JSONL manifest, or manifest entries.
         out: the index folder; it must not hold an index unless ``update``.
-        settings: frame sampling and storage; default: the backbone's image size, 12 frames, float16, exact;
-            with ``update`` the existing index's settings (sampling settings must not change).
+        settings: frame sampling and storage; default: the backbone's image size, 12 frames, segment centres,
+            float16, exact; with ``update`` the existing index's settings (sampling settings must not change).
         backbone_spec: how ``vidret search``/``serve`` load the backbone again (name, path, "random:<cfg>").
         adapter_path: the adapter folder ``model`` came from (recorded so the index can be searched).
         update: refresh an existing index: add new, re-encode changed, remove vanished videos.
@@ -215,7 +214,7 @@ def build_index(
         check_identity(old.identity, ident, f"the index in {out}")
         if settings is None:
             settings = old.settings
-        enc = ("num_frames", "fps", "max_candidates", "image_size", "max_words")
+        enc = ("num_frames", "fps", "max_candidates", "sampling", "image_size", "max_words")
         changed = [f for f in enc if getattr(settings, f) != getattr(old.settings, f)]
         if changed:
             raise VidretError(
@@ -348,9 +347,7 @@ def _encode_entries(
         return {}
     from tqdm.auto import tqdm
 
-    sampling = SamplingConfig(
-        num_frames=settings.num_frames, fps=settings.fps, mode="eval", max_candidates=settings.max_candidates
-    )
+    sampling = settings.frame_sampling()
     cache = FrameCache(cache_dir, sampling, settings.image_size)
     ds = EvalVideoDataset(entries, sampling, cache=cache, image_size=settings.image_size)
     from vidret.procs import dataloader_worker_init
@@ -392,9 +389,7 @@ def report_progress() -> bool:
 @torch.no_grad()
 def encode_video_file(model: Any, path: str | os.PathLike[str], settings: IndexSettings) -> VideoFeatures:
     """Per-frame features [1, T, E] of one video file, sampled as the index's videos were."""
-    sampling = SamplingConfig(
-        num_frames=settings.num_frames, fps=settings.fps, mode="eval", max_candidates=settings.max_candidates
-    )
+    sampling = settings.frame_sampling()
     ds = EvalVideoDataset([ManifestEntry("query", os.fspath(path))], sampling, image_size=settings.image_size)
     batch = collate([ds[0]])
     if batch["frames"].shape[0] == 0:
@@ -447,31 +442,47 @@ def loads_no_file(spec: str) -> bool:
 
 
 def resolve_backbone(
-    backbone: str | None, adapter_meta: dict[str, Any], recorded: str = "", where: str = "the index"
+    backbone: str | None,
+    adapter_meta: dict[str, Any],
+    recorded: str = "",
+    where: str = "the index",
+    adapter: str | os.PathLike[str] = "",
 ) -> str:
     """The backbone spec to use: explicit, else recorded in the index, else the adapter's ``backbone_source``.
 
     A recorded spec (index or adapter, both files a user may have been handed) is followed only when
-    :func:`loads_no_file`; a recorded path needs the user's explicit ``backbone``.
+    :func:`loads_no_file`; a recorded path needs the user's explicit ``backbone``. ``vidret index``, ``search``,
+    ``serve`` and ``eval`` all decide by this rule.
 
     Args:
         backbone: the user's ``--backbone`` (always followed).
         adapter_meta: the adapter's ``adapter.json``.
         recorded: the spec recorded in the index (``ModelIdentity.backbone_spec``).
         where: names the index in messages, e.g. ``"index ./ix"``.
+        adapter: the adapter folder, named in messages about the backbone its ``adapter.json`` records.
     """
     if backbone:
         return str(backbone)
     extra = adapter_meta.get("extra") if isinstance(adapter_meta, dict) else None
     source = extra.get("backbone_source") if isinstance(extra, dict) else None
-    for spec, origin, verb in ((recorded, where, "built"), (source, "the adapter", "trained")):
+    adapter_origin = f"the adapter ({Path(adapter) / 'adapter.json'})" if adapter else "the adapter"
+    for spec, origin, verb in ((recorded, where, "built"), (source, adapter_origin, "trained")):
         if not spec or not isinstance(spec, str):
             continue
         if loads_no_file(spec):
             return spec
+        if spec.startswith("random:") or os.path.exists(os.path.expanduser(spec)):
+            how = f"pass --backbone {spec} (or another copy) to load it"
+        else:
+            bb = adapter_meta.get("backbone") if isinstance(adapter_meta, dict) else None
+            which = f" ({bb.get('name')!r}, fingerprint {bb.get('fingerprint')})" if isinstance(bb, dict) else ""
+            how = (
+                f"it is not there now: put it back and pass --backbone {spec}, or pass --backbone PATH naming "
+                f"a copy of it{which}"
+            )
         raise VidretError(
-            f"{origin} was {verb} with backbone file {spec}; pass --backbone {spec} (or another copy) to load it "
-            "(vidret reads a local backbone file only when you name it: a shared index or adapter could name any file)"
+            f"{origin} was {verb} with backbone file {spec}; {how} (vidret reads a local backbone file only when "
+            "you name it: a shared index or adapter could name any file)"
         )
     backbone_meta = adapter_meta.get("backbone") if isinstance(adapter_meta, dict) else None
     name = backbone_meta.get("name", "?") if isinstance(backbone_meta, dict) else "?"
@@ -495,7 +506,7 @@ def open_model_for_index(
     if not Path(adapter_path).is_dir():
         raise VidretError(f"adapter folder {adapter_path} (recorded in {where}) is gone; pass --adapter DIR")
     meta, _ = read_adapter(adapter_path)
-    spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where)
+    spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where, adapter=adapter_path)
     clip = load_backbone_spec(spec)
     model = load_adapter(clip, adapter_path)
     model.eval().to(device)

@@ -26,7 +26,10 @@ def _device(name: str | None) -> str:
 
 def run_index(args: argparse.Namespace) -> int:
     """``vidret index --adapter DIR (--videos DIR | --manifest M) --out INDEX [--update]``."""
-    from vidret.adapters.io import load_adapter, read_adapter
+    from dataclasses import asdict
+
+    from vidret.adapters.io import load_adapter, read_adapter, recorded_eval_settings
+    from vidret.eval.evaluate import settings_for_adapter
     from vidret.retrieval.build import backbone_spec_for, build_index, load_backbone_spec, resolve_backbone
     from vidret.retrieval.index_files import IndexSettings, read_index_meta
 
@@ -36,21 +39,43 @@ def run_index(args: argparse.Namespace) -> int:
     existing = read_index_meta(out) if args.update and (out / "index.json").exists() else None
     meta, _ = read_adapter(args.adapter)
     recorded = existing["model"].get("backbone_spec", "") if existing else ""
-    spec = backbone_spec_for(resolve_backbone(args.backbone, meta, recorded, where=f"index {out}"))
+    spec = backbone_spec_for(
+        resolve_backbone(args.backbone, meta, recorded, where=f"index {out}", adapter=args.adapter)
+    )
     clip = load_backbone_spec(spec)
     model = load_adapter(clip, args.adapter)
     model.eval().to(_device(getattr(args, "device", None)))
 
-    # Explicit options override the existing index's settings (update) or the defaults (new index).
-    options = {
+    # Explicit options override the existing index's settings (update: they must not change how videos are
+    # encoded), else the settings the adapter's training recipe recorded, else the defaults.
+    encoding = {
         "num_frames": getattr(args, "frames", None),
+        "max_words": getattr(args, "max_words", None),
+        "sampling": getattr(args, "sampling", None),
+    }
+    storage = {
         "backend": getattr(args, "backend", None),
         "nlist": getattr(args, "nlist", None),
         "nprobe": getattr(args, "nprobe", None),
         "dtype": getattr(args, "dtype", None),
     }
-    base: dict[str, Any] = dict(existing["settings"]) if existing else {}
-    base.update({k: v for k, v in options.items() if v is not None})
+    if existing:
+        base: dict[str, Any] = asdict(IndexSettings.from_dict(existing["settings"]))  # old indexes: their defaults
+        base.update({k: v for k, v in encoding.items() if v is not None})
+    else:
+        default = asdict(IndexSettings())
+        keys = ("num_frames", "max_words", "sampling", "fps", "max_candidates")
+        base, notices = settings_for_adapter(recorded_eval_settings(meta), encoding, {k: default[k] for k in keys})
+        for line in notices:
+            print(line, file=sys.stderr)
+        trained = recorded_eval_settings(meta).get("image_size", clip.config.vision.image_size)
+        if trained != clip.config.vision.image_size:
+            print(
+                f"note: the adapter was trained on {trained} px frames; indexes take the backbone's "
+                f"{clip.config.vision.image_size} px",
+                file=sys.stderr,
+            )
+    base.update({k: v for k, v in storage.items() if v is not None})
     base["image_size"] = clip.config.vision.image_size
     settings = IndexSettings.from_dict(base)
     report = build_index(

@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from vidret.data.sampling import FRAME_RULES, FrameRule, SamplingConfig
 from vidret.errors import VidretError
 
 INDEX_FORMAT_VERSION = 1
@@ -170,6 +171,9 @@ class IndexSettings:
     max_candidates: int = 64  # cap on candidates per video (the frame cache's cap)
     image_size: int = 224  # must equal the backbone's input size
     max_words: int = 32  # query length in tokens
+    # which T of the N candidates each video contributes (the adapter's data.eval_sampling); indexes written
+    # before it was recorded took segment centres
+    sampling: FrameRule = "segment_centre"
     dtype: StorageDtype = "float16"  # storage dtype of the feature file (search always runs in float32)
     backend: Backend = "exact"  # default search backend when the index is loaded
     nlist: int = 0  # FAISS IVF lists; 0 = chosen from the collection size (~sqrt(N))
@@ -184,12 +188,25 @@ class IndexSettings:
             raise VidretError(f"index setting fps must be a positive number, got {self.fps!r}")
         if self.max_candidates < self.num_frames:
             raise VidretError(f"max_candidates ({self.max_candidates}) must be >= num_frames ({self.num_frames})")
+        if self.sampling not in FRAME_RULES or self.sampling == "segment_random":
+            rules = [r for r in FRAME_RULES if r != "segment_random"]
+            raise VidretError(f"index setting sampling must be one of {rules}, got {self.sampling!r}")
         if self.dtype not in ("float16", "float32"):
             raise VidretError(f"index dtype must be 'float16' or 'float32', got {self.dtype!r}")
         if self.backend not in ("exact", "faiss"):
             raise VidretError(f"index backend must be 'exact' or 'faiss', got {self.backend!r}")
         if isinstance(self.nlist, bool) or not isinstance(self.nlist, int) or self.nlist < 0:
             raise VidretError(f"nlist must be an int >= 0 (0 = automatic), got {self.nlist!r}")
+
+    def frame_sampling(self) -> SamplingConfig:
+        """How every video of the index (and a ``search --video`` query) is sampled."""
+        return SamplingConfig(
+            num_frames=self.num_frames,
+            fps=self.fps,
+            mode="eval",
+            max_candidates=self.max_candidates,
+            eval_sampling=self.sampling,
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexSettings:

@@ -84,7 +84,13 @@ def load_backbone_for(spec: str):  # -> CLIP
 
     if spec.startswith("random:"):
         return create_backbone(spec[len("random:") :], seed=0)
-    return load_backbone(spec)
+    try:
+        return load_backbone(spec)
+    except VidretError as e:
+        # the download hint names the --backbone flag of eval/index/search/serve; train takes backbone=PATH
+        if "--backbone /" not in str(e):
+            raise
+        raise VidretError(str(e).replace("--backbone /", "backbone=/")) from e
 
 
 def compile_towers(model: VideoTextModel) -> None:
@@ -679,7 +685,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             model,
             out_dir / "adapter",
             extra={
-                "backbone_source": cfg.backbone,
+                # a local file by absolute path (eval/index load it only when the user names it); names as names
+                "backbone_source": (
+                    os.path.abspath(os.path.expanduser(cfg.backbone))
+                    if not cfg.backbone.startswith("random:") and os.path.exists(os.path.expanduser(cfg.backbone))
+                    else cfg.backbone
+                ),
+                # how the recipe evaluates: the defaults of `vidret eval` / `vidret index` (checked in adapters/io.py)
+                "eval": {
+                    "num_frames": cfg.data.num_frames,
+                    "max_words": cfg.data.max_words,
+                    "sampling": cfg.data.eval_sampling,
+                    "fps": cfg.data.fps,
+                    "max_candidates": cfg.data.sampling("eval").max_candidates,
+                    "protocol": cfg.data.test_protocol,
+                    "image_size": cfg.data.image_size,
+                },
                 "train": {
                     "steps": step,
                     "seed": cfg.seed,
