@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vidret.data import converters
+from vidret.data import annotation_files
 from vidret.data.converters import MAX_CAPTION_CHARS, convert, read_benchmark
 from vidret.errors import VidretError
 
@@ -53,7 +53,7 @@ def test_caption_limit_is_inclusive(tmp_path: Path) -> None:
 
 
 def test_field_over_the_read_bound_names_file_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(converters, "CSV_FIELD_LIMIT", 50_000)  # the real bound (16 MiB) makes a slow test
+    monkeypatch.setattr(annotation_files, "CSV_FIELD_LIMIT", 50_000)  # the real bound (16 MiB) makes a slow test
     vids = _videos(tmp_path / "videos", "a.mp4")
     table = tmp_path / "train.csv"
     table.write_text(f"path,caption\na.mp4,ok\na.mp4,{'z' * 60_000}\n")

@@ -15,17 +15,28 @@ What counts as a *duplicate* depends on the benchmark's caption shape:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from vidret.data.annotation_files import (
+    MAX_CAPTION_CHARS,
+    JsonDoc,
+    RowLocation,
+    check_spans,
+    json_field,
+    json_type,
+    need_files,
+    read_lines,
+    read_list,
+    read_table,
+)
 from vidret.data.manifest import ManifestEntry, write_manifest
 from vidret.errors import VidretError
 from vidret.safe_pickle import load_plain_pickle
@@ -37,12 +48,6 @@ DATASETS: tuple[str, ...] = get_args(DatasetName)
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".webm", ".mkv", ".mov")  # preference order
 DropReason = Literal["missing video file", "empty caption", "duplicate", "no captions", "caption too long"]
 REPORT_NAME = "conversion_report.json"
-# CLIP reads 77 tokens; a caption past this many characters is junk (or an attack on memory): its row is
-# dropped as "caption too long", the rest of the file still converts.
-MAX_CAPTION_CHARS = 10_000
-# csv's default field limit (131,072) would abort a whole file at one long caption; fields up to this many
-# characters are read (and over-long captions then dropped), a longer field fails naming its line.
-CSV_FIELD_LIMIT = 16 << 20
 
 # (split, video_id) -> (path, start, end), or None when no video file exists for it
 _Resolver = Callable[[str, str], "tuple[str, float | None, float | None] | None"]
@@ -149,7 +154,7 @@ class _Split:
     def has(self, video_id: str) -> bool:
         return video_id in self.videos
 
-    def add(self, video_id: str, caption: str, where: str | _At, extra_key: object = None) -> None:
+    def add(self, video_id: str, caption: str, where: str | RowLocation, extra_key: object = None) -> None:
         """One caption row; ``extra_key`` widens what must match for a duplicate (DiDeMo's times)."""
         if not video_id:
             raise VidretError(f"{where}: empty video id")
@@ -230,7 +235,8 @@ class _Conversion:
                 if both:
                     self.warnings.append(f"{len(both)} video(s) are in both {a!r} and {b!r}, e.g. {both[:3]}")
         warnings = tuple(self.warnings)
-        return out, ConversionReport(dataset, str(annotations), videos_dir, reports, tuple(dropped), warnings, indexed)
+        where = os.path.abspath(annotations)  # printed and recorded normalised, like videos_dir
+        return out, ConversionReport(dataset, where, videos_dir, reports, tuple(dropped), warnings, indexed)
 
 
 # ---------------------------------------------------------------------------------------- video index
@@ -281,196 +287,6 @@ class _VideoIndex:
         ]
 
 
-# ---------------------------------------------------------------------------------------- file readers
-def _skip_ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\n\r":
-        i += 1
-    return i
-
-
-def _json_offset(text: str, keys: Sequence[str | int]) -> int | None:
-    """Character offset of the value at ``keys`` in a JSON text (re-scanned only to report an error)."""
-    dec = json.JSONDecoder()
-
-    def past(i: int, ch: str) -> int:  # past the punctuation ``ch`` at i and the whitespace after it
-        if text[i] != ch:
-            raise ValueError(f"expected {ch!r}")
-        return _skip_ws(text, i + 1)
-
-    try:
-        idx = _skip_ws(text, 0)
-        for key in keys:
-            if isinstance(key, int):
-                idx = past(idx, "[")
-                for _ in range(key):  # skip the elements before it
-                    idx = past(_skip_ws(text, dec.raw_decode(text, idx)[1]), ",")
-                continue
-            idx = past(idx, "{")
-            while True:
-                if text[idx] != '"':
-                    return None
-                name, idx = json.decoder.scanstring(text, idx + 1)  # type: ignore[attr-defined]
-                idx = past(_skip_ws(text, idx), ":")
-                if name == key:
-                    break
-                idx = past(_skip_ws(text, dec.raw_decode(text, idx)[1]), ",")
-        return idx
-    except (IndexError, ValueError):
-        return None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise VidretError(f"{path}: not UTF-8 text ({e}); is this the right file?") from e
-
-
-def _label(keys: Sequence[str | int]) -> str:
-    return "".join(f"[{k!r}]" if isinstance(k, str) else f"[{k}]" for k in keys)
-
-
-class _At:
-    """A JSON record's location, formatted only when a row is dropped (most rows never are)."""
-
-    __slots__ = ("keys", "path")
-
-    def __init__(self, path: Path, keys: tuple[str | int, ...]):
-        self.path, self.keys = path, keys
-
-    def __str__(self) -> str:
-        return f"{self.path} {_label(self.keys)}"
-
-
-class _JsonDoc:
-    """A parsed JSON file that can name the line of one of its records in an error."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.text = _read_text(path)
-        try:
-            self.data: Any = json.loads(self.text)
-        except json.JSONDecodeError as e:
-            raise VidretError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix or re-download it") from e
-
-    def loc(self, *keys: str | int) -> _At:
-        """Location of a row for the report (no line number: that needs a re-scan)."""
-        return _At(self.path, keys)
-
-    def fail(self, keys: Sequence[str | int], msg: str) -> VidretError:
-        off = _json_offset(self.text, keys)
-        label = _label(keys) or "top level"
-        line = f":{self.text.count(chr(10), 0, off) + 1}" if off is not None else ""
-        return VidretError(f"{self.path}{line}: record {label}: {msg}")
-
-    def top(self, kind: type) -> Any:
-        if not isinstance(self.data, kind):
-            raise self.fail((), f"expected a JSON {'list' if kind is list else 'object'}, got {_jtype(self.data)}")
-        return self.data
-
-
-def _jtype(v: object) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(v), type(v).__name__)
-
-
-def _get(doc: _JsonDoc, keys: tuple[str | int, ...], rec: Any, name: str, kind: type) -> Any:
-    """``rec[name]``, which must be of ``kind`` (list / str / float); errors name the record's line."""
-    if not isinstance(rec, dict):
-        raise doc.fail(keys, f"expected an object with field {name!r}, got {_jtype(rec)}")
-    if name not in rec:
-        raise doc.fail(keys, f"missing field {name!r}")
-    v = rec[name]
-    if kind is float:
-        return _number(doc, (*keys, name), v, name)
-    if not isinstance(v, kind):
-        raise doc.fail((*keys, name), f"field {name!r} must be a {_jtype(kind())}, got {_jtype(v)}")
-    return v
-
-
-def _number(doc: _JsonDoc, keys: tuple[str | int, ...], v: Any, what: str) -> float:
-    try:
-        if isinstance(v, bool):
-            raise ValueError
-        x = float(v)
-    except (TypeError, ValueError):
-        raise doc.fail(keys, f"{what} must be a number, got {v!r}") from None
-    if not math.isfinite(x):
-        raise doc.fail(keys, f"{what} must be finite, got {v!r}")
-    return x
-
-
-def _check_spans(doc: _JsonDoc, keys: tuple[str | int, ...], spans: Any, what: str) -> None:
-    """A list of [start, end] number pairs (DiDeMo times, ActivityNet timestamps)."""
-    if not isinstance(spans, list):
-        raise doc.fail(keys, f"{what} must be a list of [start, end] pairs, got {_jtype(spans)}")
-    for j, span in enumerate(spans):
-        if not isinstance(span, list) or len(span) != 2:
-            raise doc.fail((*keys, j), f"{what}[{j}] must be a [start, end] pair, got {span!r}")
-        for k, t in enumerate(span):
-            _number(doc, (*keys, j, k), t, f"{what}[{j}]")
-
-
-def _next_row(reader: Iterator[list[str]]) -> list[str] | None:
-    """The next row, read with the field limit raised to CSV_FIELD_LIMIT (csv's limit is process-wide: it is
-    restored before returning, so the generator never leaves it changed while suspended)."""
-    old = csv.field_size_limit(CSV_FIELD_LIMIT)
-    try:
-        return next(reader, None)
-    finally:
-        csv.field_size_limit(old)
-
-
-def _read_table(path: Path, delimiter: str, required: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
-    """Rows of a delimited file with a header, as ``("file:line", {column: value})``."""
-    sep = "tab" if delimiter == "\t" else repr(delimiter)
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
-        try:
-            header = [h.strip() for h in _next_row(reader) or []]
-            if not header:
-                raise VidretError(f"{path}: empty file; expected a header line with columns {list(required)}")
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise VidretError(f"{path}:1: missing column(s) {missing} in the header {header} ({sep}-separated)")
-            while (row := _next_row(reader)) is not None:
-                where = f"{path}:{reader.line_num}"
-                if not any(c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    raise VidretError(
-                        f"{where}: expected {len(header)} {sep}-separated columns {header}, found {len(row)}"
-                    )
-                yield where, dict(zip(header, row))
-        except csv.Error as e:
-            if "field larger than field limit" in str(e):
-                raise VidretError(
-                    f"{path}:{reader.line_num}: a field is longer than {CSV_FIELD_LIMIT} characters; captions "
-                    f"are at most {MAX_CAPTION_CHARS} (check the quoting: an unclosed quote swallows the file)"
-                ) from e
-            raise VidretError(f"{path}:{reader.line_num}: malformed row ({e})") from e
-        except UnicodeDecodeError as e:
-            raise VidretError(f"{path}: not UTF-8 text ({e})") from e
-
-
-def _lines(path: Path) -> Iterator[tuple[str, str]]:
-    """Non-blank lines as ``("file:line", line)``; only "\n" ends a line (str.splitlines would also split
-    a caption at U+2028 or a form feed and shift every line number after it)."""
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-        if line.strip():
-            yield f"{path}:{lineno}", line.removesuffix("\r")
-
-
-def _read_list(path: Path) -> Iterator[tuple[str, str]]:
-    """Ids of a one-id-per-line split list, as ``("file:line", id)``."""
-    for where, line in _lines(path):
-        yield where, line.strip()
-
-
-def _need(ann: Path, dataset: str, names: Sequence[str]) -> None:
-    if not any((ann / n).is_file() for n in names):
-        raise VidretError(f"no {dataset} annotation files in {ann}: expected at least one of {list(names)}")
-
-
 # -------------------------------------------------------------------------------------------- readers
 def _by_id(index: _VideoIndex, candidates: Callable[[str], Sequence[str]] = lambda v: (v,)) -> _Resolver:
     def resolve(split: str, video_id: str) -> tuple[str, float | None, float | None] | None:
@@ -484,24 +300,24 @@ def _read_msrvtt(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
     """Train: 9k ids from ``MSRVTT_train.9k.csv``, all their captions from ``MSRVTT_data.json``;
     test (1k-A): one caption per video from ``MSRVTT_JSFUSION_test.csv``."""
     train_csv, test_csv = ann / "MSRVTT_train.9k.csv", ann / "MSRVTT_JSFUSION_test.csv"
-    _need(ann, "MSR-VTT", [train_csv.name, test_csv.name])
+    need_files(ann, "MSR-VTT", [train_csv.name, test_csv.name])
     if train_csv.is_file():
         data_json = ann / "MSRVTT_data.json"
         if not data_json.is_file():
             raise VidretError(f"{data_json} not found: the MSR-VTT train split takes its captions from it")
         train = conv.split("train")
-        for where, row in _read_table(train_csv, ",", ["video_id"]):
+        for where, row in read_table(train_csv, ",", ["video_id"]):
             train.declare(row["video_id"].strip(), where)
-        doc = _JsonDoc(data_json)
-        sentences = _get(doc, (), doc.top(dict), "sentences", list)
+        doc = JsonDoc(data_json)
+        sentences = json_field(doc, (), doc.top(dict), "sentences", list)
         for i, s in enumerate(sentences):
-            vid = _get(doc, ("sentences", i), s, "video_id", str)
-            cap = _get(doc, ("sentences", i), s, "caption", str)
+            vid = json_field(doc, ("sentences", i), s, "video_id", str)
+            cap = json_field(doc, ("sentences", i), s, "caption", str)
             if train.has(vid):
                 train.add(vid, cap, doc.loc("sentences", i))
     if test_csv.is_file():
         test = conv.split("test", one_caption=True)
-        for where, row in _read_table(test_csv, ",", ["video_id", "sentence"]):
+        for where, row in read_table(test_csv, ",", ["video_id", "sentence"]):
             test.add(row["video_id"].strip(), row["sentence"], where)
     return _by_id(index)
 
@@ -509,7 +325,7 @@ def _read_msrvtt(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
 def _read_msvd(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
     """``{train,val,test}_list.txt`` + ``raw-captions.pkl`` (id -> list of token lists)."""
     lists = [f"{s}_list.txt" for s in ("train", "val", "test")]
-    _need(ann, "MSVD", lists)
+    need_files(ann, "MSVD", lists)
     pkl = ann / "raw-captions.pkl"
     if not pkl.is_file():
         raise VidretError(f"{pkl} not found: MSVD captions come from it")
@@ -521,7 +337,7 @@ def _read_msvd(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
         if not (ann / name).is_file():
             continue
         split = conv.split(name.removesuffix("_list.txt"))
-        for where, vid in _read_list(ann / name):
+        for where, vid in read_list(ann / name):
             split.declare(vid, where)
         for vid in list(split.videos):
             caps = captions.get(vid)
@@ -552,14 +368,14 @@ _LSMDC_TIME = re.compile(r"^[0-9]+([.:][0-9]+)*$")  # e.g. 00.00.51.926
 
 def _read_lsmdc(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
     """Tab-separated, no header, 6 columns; one caption per clip; clip files are already cut."""
-    _need(ann, "LSMDC", list(_LSMDC_FILES.values()))
+    need_files(ann, "LSMDC", list(_LSMDC_FILES.values()))
     for name, fname in _LSMDC_FILES.items():
         path = ann / fname
         if not path.is_file():
             continue
         split = conv.split(name, one_caption=True)
         # not the csv module: LSMDC sentences hold unbalanced quotes, and there is no quoting
-        for where, line in _lines(path):
+        for where, line in read_lines(path):
             cols = line.split("\t")
             if len(cols) != len(_LSMDC_COLUMNS):
                 raise VidretError(
@@ -575,7 +391,7 @@ def _read_lsmdc(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
 
 def _read_didemo(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
     """``{split}_list.txt`` + ``{split}_data.json``; a video's descriptions form one paragraph, in file order."""
-    _need(ann, "DiDeMo", [f"{s}_list.txt" for s in ("train", "val", "test")])
+    need_files(ann, "DiDeMo", [f"{s}_list.txt" for s in ("train", "val", "test")])
     for name in ("train", "val", "test"):
         list_path, data_path = ann / f"{name}_list.txt", ann / f"{name}_data.json"
         if not list_path.is_file():
@@ -583,15 +399,15 @@ def _read_didemo(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
         if not data_path.is_file():
             raise VidretError(f"{data_path} not found: it holds the descriptions for {list_path.name}")
         split = conv.split(name, paragraph=True)
-        for where, vid in _read_list(list_path):
+        for where, vid in read_list(list_path):
             split.declare(vid, where)
-        doc = _JsonDoc(data_path)
+        doc = JsonDoc(data_path)
         for i, rec in enumerate(doc.top(list)):
-            vid = _get(doc, (i,), rec, "video", str)
-            desc = _get(doc, (i,), rec, "description", str)
+            vid = json_field(doc, (i,), rec, "video", str)
+            desc = json_field(doc, (i,), rec, "description", str)
             times = rec.get("times")
             if times is not None:
-                _check_spans(doc, (i, "times"), times, "times")
+                check_spans(doc, (i, "times"), times, "times")
             if split.has(vid):
                 split.add(vid, desc, doc.loc(i), extra_key=json.dumps(times))
     # list ids carry the original extension ("x.mov"); re-encoded copies are often "x.mp4" or "x.mov.mp4"
@@ -602,7 +418,7 @@ def _read_activitynet(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Reso
     """``train.json`` / ``val_1.json`` ({id: {duration, timestamps, sentences}}), filtered and ordered by
     ``{train,val}_ids.json`` when present; sentences joined into one paragraph per video."""
     pairs = {"train": ("train_ids.json", "train.json"), "val": ("val_ids.json", "val_1.json")}
-    _need(ann, "ActivityNet Captions", [p[1] for p in pairs.values()])
+    need_files(ann, "ActivityNet Captions", [p[1] for p in pairs.values()])
     for name, (ids_name, data_name) in pairs.items():
         ids_path, data_path = ann / ids_name, ann / data_name
         if not data_path.is_file():
@@ -612,21 +428,21 @@ def _read_activitynet(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Reso
         split = conv.split(name, paragraph=True, dedupe=False)
         listed = ids_path.is_file()
         if listed:
-            ids_doc = _JsonDoc(ids_path)
+            ids_doc = JsonDoc(ids_path)
             for i, vid in enumerate(ids_doc.top(list)):
                 if not isinstance(vid, str):
                     raise ids_doc.fail((i,), f"expected a video id string, got {vid!r}")
                 split.declare(vid, str(ids_doc.loc(i)))
-        doc = _JsonDoc(data_path)
+        doc = JsonDoc(data_path)
         for vid, rec in doc.top(dict).items():
-            sentences = _get(doc, (vid,), rec, "sentences", list)
-            _get(doc, (vid,), rec, "duration", float)
-            _check_spans(doc, (vid, "timestamps"), _get(doc, (vid,), rec, "timestamps", list), "timestamps")
+            sentences = json_field(doc, (vid,), rec, "sentences", list)
+            json_field(doc, (vid,), rec, "duration", float)
+            check_spans(doc, (vid, "timestamps"), json_field(doc, (vid,), rec, "timestamps", list), "timestamps")
             if listed and not split.has(vid):
                 continue
             for j, s in enumerate(sentences):
                 if not isinstance(s, str):
-                    raise doc.fail((vid, "sentences", j), f"sentences[{j}] must be a string, got {_jtype(s)}")
+                    raise doc.fail((vid, "sentences", j), f"sentences[{j}] must be a string, got {json_type(s)}")
                 split.add(vid, s, doc.loc(vid, "sentences", j))
 
     def names(vid: str) -> Sequence[str]:  # ids are "v_xxx"; most downloads name the file "xxx.mp4"
@@ -639,7 +455,7 @@ _VATEX_FILES = {"train": "vatex_training_v1.0.json", "val": "vatex_validation_v1
 _VATEX_ID = re.compile(r"^(.+)_([0-9]+)_([0-9]+)$")  # youtubeid_start_end, seconds
 
 
-def _add_vatex(split: _Split, recs: Sequence[tuple[str, list[str], _JsonDoc, int]]) -> None:
+def _add_vatex(split: _Split, recs: Sequence[tuple[str, list[str], JsonDoc, int]]) -> None:
     for vid, caps, doc, i in recs:
         for j, c in enumerate(caps):
             split.add(vid, c, doc.loc(i, "enCap", j))
@@ -648,29 +464,29 @@ def _add_vatex(split: _Split, recs: Sequence[tuple[str, list[str], _JsonDoc, int
 def _read_vatex(ann: Path, index: _VideoIndex, conv: _Conversion) -> _Resolver:
     """``vatex_{training,validation}_v1.0.json`` ([{videoID, enCap}]) -> train / val; when split lists
     ``{train,val,test}_list.txt`` exist (e.g. the HGR 25991/1500/1500 split) they define the splits."""
-    _need(ann, "VATEX", list(_VATEX_FILES.values()))
-    records: dict[str, list[tuple[str, list[str], _JsonDoc, int]]] = {}  # file's split -> (id, caps, doc, i)
+    need_files(ann, "VATEX", list(_VATEX_FILES.values()))
+    records: dict[str, list[tuple[str, list[str], JsonDoc, int]]] = {}  # file's split -> (id, caps, doc, i)
     for name, fname in _VATEX_FILES.items():
         if not (ann / fname).is_file():
             continue
-        doc = _JsonDoc(ann / fname)
+        doc = JsonDoc(ann / fname)
         recs = records[name] = []
         for i, rec in enumerate(doc.top(list)):
-            vid = _get(doc, (i,), rec, "videoID", str)
-            caps = _get(doc, (i,), rec, "enCap", list)
+            vid = json_field(doc, (i,), rec, "videoID", str)
+            caps = json_field(doc, (i,), rec, "enCap", list)
             for j, c in enumerate(caps):
                 if not isinstance(c, str):
-                    raise doc.fail((i, "enCap", j), f"enCap[{j}] must be a string, got {_jtype(c)}")
+                    raise doc.fail((i, "enCap", j), f"enCap[{j}] must be a string, got {json_type(c)}")
             recs.append((vid, caps, doc, i))
     lists = [s for s in ("train", "val", "test") if (ann / f"{s}_list.txt").is_file()]
     if lists:
-        pool: dict[str, tuple[str, list[str], _JsonDoc, int]] = {}
+        pool: dict[str, tuple[str, list[str], JsonDoc, int]] = {}
         for recs in records.values():
             for r in recs:
                 pool.setdefault(r[0], r)
         for name in lists:
             split = conv.split(name)
-            for where, vid in _read_list(ann / f"{name}_list.txt"):
+            for where, vid in read_list(ann / f"{name}_list.txt"):
                 split.declare(vid, where)
             chosen = [pool[v] for v in split.videos if v in pool]  # listed ids without captions: reported
             _add_vatex(split, chosen)
@@ -719,7 +535,7 @@ def _read_generic(ann: Path, videos_dir: Path, conv: _Conversion) -> _Resolver:
             with path.open(encoding="utf-8-sig", errors="replace") as f:
                 delim = "\t" if "\t" in f.readline() else ","
         split = conv.split(path.stem)
-        for where, row in _read_table(path, delim, ["path", "caption"]):
+        for where, row in read_table(path, delim, ["path", "caption"]):
             rel = row["path"].strip()
             if not rel:
                 raise VidretError(f"{where}: empty path")
@@ -782,7 +598,8 @@ def read_benchmark(
         raise VidretError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     ann = Path(annotations_dir)
     if not ann.exists():
-        raise VidretError(f"annotations folder not found: {ann}")
+        what = "annotation file or folder" if dataset == "generic" else f"{dataset} annotations folder"
+        raise VidretError(f"{what} not found: {os.path.normpath(ann)}; check --annotations")
     if dataset != "generic" and not ann.is_dir():
         raise VidretError(f"{ann} is a file: pass the folder that holds the {dataset} annotation files")
     conv = _Conversion()

@@ -87,9 +87,8 @@ def read_manifest(path: str | os.PathLike[str], resolve_paths: bool = True) -> l
                 raise VidretError(f"{where}: duplicate video_id {entry.video_id!r}")
             seen.add(entry.video_id)
             if resolve_paths and not os.path.isabs(entry.path):
-                entry = ManifestEntry(
-                    entry.video_id, str(p.parent / entry.path), entry.captions, entry.start, entry.end
-                )
+                resolved = os.path.normpath(p.parent / entry.path)  # printed and compared without a/../
+                entry = ManifestEntry(entry.video_id, resolved, entry.captions, entry.start, entry.end)
             entries.append(entry)
     return entries
 
