@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,8 +264,15 @@ def test_down_in_scales_input_channels_and_down_out_output_channels(mode: str, b
 
 
 def test_cmt_layers_beyond_the_backbone_are_a_clear_error() -> None:
-    with pytest.raises(VidretError, match=r"cmt_layers names block 10.*2 blocks"):
+    with pytest.raises(VidretError, match=r"cmt_layers names block 10.*2 blocks") as e:
         build_model(tiny(), "mv_adapter")  # the default (10, 11) needs 12 blocks
+    # the fix it suggests is a config override as typed on the command line, and that override works
+    from vidret.train.config import parse_overrides
+
+    override = re.search(r"method_options\.cmt_layers=\S+", str(e.value))
+    assert override is not None and override.group(0) == "method_options.cmt_layers=[-2,-1]"
+    options = parse_overrides([override.group(0)])["method_options"]
+    assert resolve_layers(mv_config("msrvtt", **options), tiny().config)["tied"] == [(0, 0), (1, 1)]
     with pytest.raises(VidretError, match="every tied layer must be in layers"):
         build_model(tiny(), "mv_adapter", layers=(0,), cmt_layers=(1,))
 

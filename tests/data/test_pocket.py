@@ -261,3 +261,84 @@ def test_event_grammar_is_reversal_symmetric() -> None:
         n = kinds[a] + kinds[b]
         assert n > 300 and abs(kinds[a] - kinds[b]) < 4 * np.sqrt(n), (a, b, kinds)
     assert kinds["recolour"] > 300
+
+
+# --------------------------------------------------------------------------- static + event captions (version 2)
+
+
+def _pretraining_vocabulary(n: int = 20000) -> set[str]:
+    """Every word the pretraining captions use (sampled generously from their own generator)."""
+    words: set[str] = set()
+    for i in range(n):
+        rng = np.random.default_rng([0, 0, i])
+        objs, cells = P._sample_static(rng, PocketConfig())
+        words.update(P._static_caption(objs, cells, rng, 64).replace(",", " ").split())
+    return words
+
+
+def test_every_caption_is_a_static_clause_then_an_event_clause(world: Path) -> None:
+    vocab = _pretraining_vocabulary()
+    tok = pytest.importorskip("vidret.backbone.tokenizer").default_tokenizer()
+    for split in ("train", "val", "test"):
+        records = {
+            json.loads(x)["video_id"]: json.loads(x) for x in (world / f"{split}_events.jsonl").read_text().splitlines()
+        }
+        for e in read_manifest(world / f"{split}.jsonl"):
+            rec = records[e.video_id]
+            assert len(rec["static_clauses"]) == len(e.captions) and rec["first_frame"]
+            for cap, static in zip(e.captions, rec["static_clauses"]):
+                assert cap.startswith(static) and len(cap) > len(static) + 5, (cap, static)
+                # nothing static is out of the pretraining vocabulary
+                assert set(static.replace(",", " ").split()) <= vocab, static
+                # every object of the first frame is named with its size word, colour word and position
+                for obj in rec["first_frame"]:
+                    assert any(w in static for w in P._COLOUR_WORDS[obj["colour"]]), (static, obj)
+                    assert any(w in static for w in P._SHAPE_WORDS[obj["shape"]]), (static, obj)
+                assert len(tok.encode(cap)) + 2 <= P.CAPTION_TOKENS  # never truncated
+
+
+def test_first_frame_record_matches_the_pixels(world: Path) -> None:
+    """Objects sit near their grid cell's centre in the first frame, in the recorded colour."""
+    by_id = {e.video_id: e for e in read_manifest(world / "test.jsonl")}
+    for line in (world / "test_events.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        first = decode_all(by_id[rec["video_id"]].path)[0]
+        for obj in rec["first_frame"]:
+            c = _centroid(first, obj["colour"])
+            assert c is not None, rec
+            row, col = obj["cell"]
+            assert abs(c[0] - (col + 0.5) * 64 / 3) < 7 and abs(c[1] - (row + 0.5) * 64 / 3) < 7, (c, obj)
+
+
+def test_moves_are_one_grid_cell_and_stay_on_the_grid() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        objs, events = P._sample_scene(rng, TINY)
+        starts, final = P._start_states(objs, events, 64)
+        assert any(o.present for o in objs) and any(o.present for o in final)  # no empty first or last frame
+        for e in events:
+            if e.kind == "move":
+                assert e.dist == pytest.approx(64 / 3)
+        for o in (*objs, *final):
+            half = o.size / 2
+            assert half <= o.x <= 64 - half and half <= o.y <= 64 - half
+            row, col = P._cell(o, 64)
+            assert abs(o.x - (col + 0.5) * 64 / 3) <= 0.05 * 64 + 1e-6
+            assert abs(o.y - (row + 0.5) * 64 / 3) <= 0.05 * 64 + 1e-6
+
+
+def test_default_world_keeps_128_reversal_pairs() -> None:
+    assert PocketConfig().reversed_twins() >= 128
+
+
+def test_a_world_of_an_older_generator_version_is_not_reused(world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    small = replace(TINY, pretrain_images=4, train_clips=2, val_clips=1, test_clips=2, probe_clips=1)
+    generate_pocket_world(out, small, workers=1)
+    info = json.loads((out / "pocket_world.json").read_text())
+    info["version"] = P.GENERATOR_VERSION - 1
+    (out / "pocket_world.json").write_text(json.dumps(info))
+    with pytest.raises(VidretError, match="generator version"):
+        generate_pocket_world(out, small, workers=1)
+    report = generate_pocket_world(out, small, workers=1, overwrite=True)
+    assert not report.reused and load_pocket_info(out)["version"] == P.GENERATOR_VERSION

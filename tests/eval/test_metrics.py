@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import subprocess
@@ -21,11 +22,14 @@ from vidret.eval.metrics import (
     dual_softmax,
     format_metrics,
     gt_ranks,
+    metrics_from_rank_bounds,
     metrics_from_ranks,
     qb_norm,
+    rank_bounds,
     retrieval_metrics,
     t2v_metrics,
     v2t_metrics_multi,
+    v2t_multi_rank_bounds,
     v2t_multi_ranks,
 )
 
@@ -448,13 +452,18 @@ def sim_and_gt(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @settings(max_examples=60, deadline=None)
-@given(sim_and_gt(), st.sampled_from(("optimistic", "pessimistic")))
+@given(sim_and_gt(), st.sampled_from(("optimistic", "pessimistic", "expected")))
 def test_property_permutation_invariance_and_reference(
     case: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ties: Ties
 ) -> None:
     sim, gt, item_perm, query_perm = case
     base = retrieval_metrics(sim, gt, ties=ties)
-    assert_metrics_equal(base, bf_metrics_from_ranks(bf_ranks(sim, gt.tolist(), ties)))
+    if ties == "expected":
+        per_query = [bf_tie_break_ranks(row, int(k)) for row, k in zip(sim.tolist(), gt)] if sim.shape[1] <= 7 else []
+        if per_query:
+            assert_metrics_equal(base, bf_expected_metrics(per_query))
+    else:
+        assert_metrics_equal(base, bf_metrics_from_ranks(bf_ranks(sim, gt.tolist(), ties)))
     # Permute items: new item p holds old item item_perm[p]; old item i now sits where item_perm == i.
     new_pos = torch.argsort(item_perm)
     assert retrieval_metrics(sim[:, item_perm], new_pos[gt], ties=ties) == base
@@ -534,3 +543,109 @@ def test_20k_square_bounded_extra_memory() -> None:
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "grew_mb=" in proc.stdout
     print(proc.stdout)  # the measured growth and time, shown with -s
+
+
+# --------------------------------------------------------------------------- tie-aware ("expected") metrics
+
+
+def bf_tie_break_ranks(row: list[float], g: int, tol: float = 0.0) -> list[int]:
+    """Every equally likely rank of the ground truth: all orders of its tied group written out."""
+    above = sum(1 for j, x in enumerate(row) if j != g and x > row[g] + tol)
+    tied = [j for j, x in enumerate(row) if j != g and abs(x - row[g]) <= tol]
+    return [above + perm.index(g) + 1 for perm in itertools.permutations([g, *tied])]
+
+
+def bf_expected_metrics(per_query: list[list[int]]) -> dict[str, float]:
+    n = len(per_query)
+    out: dict[str, float] = {
+        f"R{k}": 100.0 * sum(sum(r <= k for r in ranks) / len(ranks) for ranks in per_query) / n for k in (1, 5, 10)
+    }
+    means = [statistics.mean(ranks) for ranks in per_query]
+    out["MdR"] = float(statistics.median(means))
+    out["MnR"] = float(statistics.mean(means))
+    out["n_queries"] = n
+    out["tied_queries"] = sum(len(set(ranks)) > 1 for ranks in per_query)
+    return out
+
+
+def test_expected_ties_hand_example_reversal_pair() -> None:
+    # two videos with the same frames in another order: an order-blind model gives them equal scores
+    sim = torch.tensor([[0.9, 0.9, 0.1], [0.9, 0.9, 0.1], [0.2, 0.3, 0.8]])
+    assert retrieval_metrics(sim)["R1"] == 100.0  # optimistic: each twin "wins" its tie
+    assert retrieval_metrics(sim, ties="pessimistic")["R1"] == pytest.approx(100 / 3)
+    m = retrieval_metrics(sim, ties="expected")
+    assert m["R1"] == pytest.approx(100 * (0.5 + 0.5 + 1) / 3) and m["R5"] == 100.0
+    assert m["MnR"] == pytest.approx((1.5 + 1.5 + 1) / 3) and m["MdR"] == 1.5 and m["tied_queries"] == 2
+    assert gt_ranks(sim, ties="expected").tolist() == [1.5, 1.5, 1.0]
+    lo, hi = rank_bounds(sim)
+    assert lo.tolist() == [1, 1, 1] and hi.tolist() == [2, 2, 1]
+
+
+def test_expected_ties_equal_plain_metrics_without_ties() -> None:
+    sim = torch.randn(40, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    plain = retrieval_metrics(sim)
+    expected = retrieval_metrics(sim, ties="expected")
+    assert expected.pop("tied_queries") == 0
+    assert expected == plain
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_expected_ties_match_brute_force_over_every_tie_break(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_i = 7, 6
+    sim = torch.randint(0, 3, (n_q, n_i), generator=g).float()  # few values: many ties, some at the gt
+    gt = torch.randint(0, n_i, (n_q,), generator=g)
+    ref = bf_expected_metrics([bf_tie_break_ranks(row, int(k)) for row, k in zip(sim.tolist(), gt)])
+    for chunk in (1, 4, None):
+        assert_metrics_equal(retrieval_metrics(sim, gt, ties="expected", chunk_size=chunk), ref)
+    # bounds are the brute force's extremes, expected ranks its mean
+    lo, hi = rank_bounds(sim, gt)
+    per_query = [bf_tie_break_ranks(row, int(k)) for row, k in zip(sim.tolist(), gt)]
+    assert lo.tolist() == [min(r) for r in per_query] and hi.tolist() == [max(r) for r in per_query]
+    assert gt_ranks(sim, gt, ties="expected").tolist() == pytest.approx([statistics.mean(r) for r in per_query])
+
+
+def test_expected_multi_caption_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(11)
+    n_text, n_video = 9, 5
+    t2v = torch.cat([torch.arange(n_video), torch.randint(0, n_video, (n_text - n_video,), generator=g)])
+    sim = torch.randint(0, 3, (n_text, n_video), generator=g).float()
+    rows = sim.tolist()
+    per_video = []
+    for v in range(n_video):
+        groups = [max(rows[c][v] for c in range(n_text) if int(t2v[c]) == u) for u in range(n_video)]
+        per_video.append(bf_tie_break_ranks(groups, v))
+    assert_metrics_equal(v2t_metrics_multi(sim, t2v, ties="expected"), bf_expected_metrics(per_video))
+    lo, hi = v2t_multi_rank_bounds(sim, t2v)
+    assert lo.tolist() == [min(r) for r in per_video] and hi.tolist() == [max(r) for r in per_video]
+    per_text = [bf_tie_break_ranks(row, int(k)) for row, k in zip(rows, t2v)]
+    assert_metrics_equal(t2v_metrics(sim, t2v, ties="expected"), bf_expected_metrics(per_text))
+
+
+def test_tie_tolerance_catches_rounding_level_differences() -> None:
+    g = torch.Generator().manual_seed(4)
+    base = torch.rand(6, 6, generator=g)
+    noisy = base + 1e-6 * torch.randn(6, 6, generator=g)  # e.g. the same mean taken in another order
+    twin = torch.cat([noisy, base[:, :1] + 1e-6 * torch.randn(6, 1, generator=g)], dim=1)  # col 6 ~ col 0
+    gt = torch.arange(6)
+    rows = twin.tolist()
+    ref = bf_expected_metrics([bf_tie_break_ranks(row, k, tol=1e-4) for row, k in zip(rows, range(6))])
+    assert_metrics_equal(retrieval_metrics(twin, gt, ties="expected", tie_tol=1e-4), ref)
+    assert ref["tied_queries"] >= 1
+    # without a tolerance the rounding noise decides, and no tie is seen
+    assert retrieval_metrics(twin, gt, ties="expected")["tied_queries"] == 0
+    with pytest.raises(ValueError, match="tie_tol"):
+        retrieval_metrics(twin, gt, tie_tol=-1.0)
+
+
+def test_expected_ties_log_nothing_at_warning_level(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="vidret.eval.metrics"):
+        retrieval_metrics(torch.ones(4, 4), ties="expected")
+    assert caplog.text == ""
+
+
+def test_metrics_from_rank_bounds_validates() -> None:
+    with pytest.raises(ValueError, match="pessimistic >= optimistic"):
+        metrics_from_rank_bounds(torch.tensor([2, 1]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="same shape"):
+        metrics_from_rank_bounds(torch.tensor([1, 1]), torch.tensor([1]))

@@ -167,7 +167,7 @@ def test_index_uses_the_recorded_settings(
     assert json.loads((tmp_path / "ix/index.json").read_text())["settings"]["sampling"] == "segment_centre"
     # changing the rule of an existing index is refused like any other sampling change
     argv = [*base, "--manifest", manifest, "--out", str(tmp_path / "ix"), "--update", "--sampling", "cma_linspace"]
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "sampling=segment_centre" in capsys.readouterr().err
 
 
@@ -200,7 +200,7 @@ def test_eval_refuses_a_malformed_block_in_one_line(
     bad = _copy_adapter(run, tmp_path / "bad", lambda m: m["extra"].update(eval=[4, 16]))
     capsys.readouterr()
     argv = ["eval", "--adapter", str(bad), "--manifest", str(tiny_world / "test.jsonl"), "--backbone", _backbone(run)]
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "field 'extra.eval' must be a JSON object" in err and "Traceback" not in err
 
@@ -210,12 +210,12 @@ def test_eval_loads_a_recorded_backbone_file_only_when_named(
 ) -> None:
     argv = ["eval", "--manifest", str(tiny_world / "test.jsonl"), "--workers", "0"]
     capsys.readouterr()
-    assert main([*argv, "--adapter", str(run / "adapter")]) == 2
+    assert main([*argv, "--adapter", str(run / "adapter")]) == 1
     err = capsys.readouterr().err
     assert f"pass --backbone {_backbone(run)}" in err and str(run / "adapter/adapter.json") in err
 
     gone = _copy_adapter(run, tmp_path / "gone", lambda m: m["extra"].update(backbone_source="/nowhere/bb.pt"))
-    assert main([*argv, "--adapter", str(gone)]) == 2
+    assert main([*argv, "--adapter", str(gone)]) == 1
     err = capsys.readouterr().err
     assert "/nowhere/bb.pt" in err and "not there now" in err and "--backbone PATH" in err
     assert str(gone / "adapter.json") in err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import socket
 import threading
 import time
@@ -63,8 +65,9 @@ def test_prepare_builds_a_persisted_index_and_measures_recall(prepared) -> None:
     assert len(hits) == 10 and hits[0]["rank"] == 1
     if "faiss" in cfg.backends:
         sweep = {s["nprobe"]: s for s in stats["sweep"]}
-        assert stats["nlist"] == 54  # ~sqrt(3000)
-        assert sweep[54]["recall"] == 1.0 and sweep[54]["recall_text"] == 1.0  # nprobe clipped to nlist: exact
+        assert stats["nlist"] == 76  # 4 sqrt(3000), with >= 39 training points per list
+        assert stats["nprobe"] == 4  # the explicit value wins over the size rule
+        assert sweep[76]["recall"] == 1.0 and sweep[76]["recall_text"] == 1.0  # nprobe clipped to nlist: exact
         assert sweep[1]["recall"] < 1.0
         assert len(service.search("a dog", k=10, index="faiss")) == 10
 
@@ -138,6 +141,7 @@ def test_format_markdown_lists_every_row() -> None:
                         "qps": 100.0,
                         "requests": 2000,
                         "errors": 0,
+                        "clients": 8,
                     }
                     for b in ("exact", "faiss")
                 ],
@@ -145,7 +149,7 @@ def test_format_markdown_lists_every_row() -> None:
         ],
     }
     text = format_markdown(res)
-    assert "| 100,000 | exact | - | 10.0 |" in text and "| 100,000 | faiss | 32/316 |" in text
+    assert "| 100,000 | exact | 8 | - | 10.0 |" in text and "| 100,000 | faiss | 8 | 32/316 |" in text
     assert "0.500" in text and machine_info()["cpu"] in text
 
 
@@ -157,3 +161,13 @@ def test_main_end_to_end(tmp_path: Path) -> None:
         args += ["--backends", "exact"]
     assert main(args) == 0
     assert "| 1,000 | exact |" in (tmp_path / "s.md").read_text()
+
+
+def test_bench_config_takes_client_counts_and_the_encoder_options() -> None:
+    from vidret.bench.search import SearchBenchConfig, _config_from_json
+
+    cfg = SearchBenchConfig(sizes=(1000,), clients=(1, 8), encoder="vit-b-32", quantize=True)
+    back = _config_from_json(json.dumps(dataclasses.asdict(cfg)))
+    assert back == cfg and back.clients == (1, 8)
+    with pytest.raises(VidretError):
+        SearchBenchConfig(sizes=(1000,), clients=())

@@ -17,7 +17,7 @@ from tests.retrieval.helpers import BACKBONE, COLOURS, save_adapter_for, touch_l
 from vidret.backbone.tokenizer import tokenize
 from vidret.data.manifest import ManifestEntry, write_manifest
 from vidret.errors import VidretError
-from vidret.retrieval.backends import ExactIndex, FaissIndex, default_nlist, faiss_available
+from vidret.retrieval.backends import ExactIndex, FaissIndex, default_nlist, default_nprobe, faiss_available
 from vidret.retrieval.build import build_index, collect_videos, load_backbone_spec, video_query_vector
 from vidret.retrieval.index import VideoIndex, model_identity
 from vidret.retrieval.index_files import IndexSettings
@@ -76,13 +76,41 @@ def test_faiss_recall_vs_exact_and_the_nprobe_knob(tmp_path: Path) -> None:
     again = FaissIndex.load(tmp_path / "f.index", nprobe=4)
     assert torch.equal(again.search(q, 10)[1], fi.search(q, 10)[1])
     with pytest.raises(VidretError, match="nprobe"):
-        fi.nprobe = 0
+        fi.nprobe = -1
+    fi.nprobe = 0  # 0: chosen from the size (3000 vectors in 16 lists: every list)
+    assert fi.nprobe == default_nprobe(3000, 16) == 16
 
 
 def test_default_nlist() -> None:
     assert default_nlist(8) == 1
-    assert default_nlist(100_000) == 316
-    assert default_nlist(1_000_000) == 1000
+    assert default_nlist(3000) == 76  # 4 sqrt(3000) = 219, but >= 39 training points per list
+    assert default_nlist(10_000) == 256
+    assert default_nlist(100_000) == 1024  # 4 sqrt(N) = 1264, capped
+    assert default_nlist(1_000_000) == 1024
+
+
+def test_default_nprobe_scans_5000_vectors_and_a_sixteenth_of_the_lists() -> None:
+    assert default_nprobe(10_000, 256) == 128  # small collections: half the lists (recall@10 0.957 measured)
+    assert default_nprobe(100_000, 1024) == 64  # 0.960 measured
+    assert default_nprobe(1_000_000, 1024) == 64
+    assert default_nprobe(8, 1) == 1 and default_nprobe(3000, 76) == 76  # never more than nlist
+    assert default_nprobe(0, 0) == 1
+
+
+@pytest.mark.slow  # ~8 s on 2 shared cores
+@needs_faiss
+def test_automatic_faiss_settings_reach_recall_095_on_clustered_vectors() -> None:
+    """The size rule on the benchmark's own generator (1000 centres, dim 512) at 20k vectors."""
+    from vidret.bench.search import synthetic_vectors
+
+    x = synthetic_vectors(20_000, 512, 0, "clustered")
+    q = F.normalize(torch.randn(100, 512, generator=torch.Generator().manual_seed(1)), dim=-1)
+    _, truth = ExactIndex(x).search(q, 10)
+    fi = FaissIndex(x)  # nlist 0, nprobe 0: both from the size
+    assert (fi.nlist, fi.nprobe) == (512, 128)
+    assert recall(fi.search(q, 10)[1], truth) >= 0.95
+    fi.nprobe = 8  # a user's explicit value wins, and is worse here
+    assert recall(fi.search(q, 10)[1], truth) < 0.95
 
 
 # ------------------------------------------------------------------------------------------ format
@@ -144,6 +172,28 @@ def test_faiss_backend_persisted(tmp_path: Path) -> None:
     exact = VideoIndex.load(tmp_path / "ix", backend="exact")
     q = x[:20]
     assert torch.equal(again.search(q, 5)[1], exact.search(q, 5)[1])  # nprobe == nlist: same as exact
+
+
+@needs_faiss
+def test_automatic_faiss_settings_are_chosen_at_load_and_explicit_ones_win(tmp_path: Path) -> None:
+    x = clustered(8000, 16)
+    idx = VideoIndex.from_vectors(x, settings=IndexSettings(backend="faiss"), backend="faiss")
+    assert (idx.settings.nlist, idx.settings.nprobe) == (0, 0)  # automatic, and recorded as such
+    idx.save(tmp_path / "ix")
+    meta = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert meta["settings"]["nprobe"] == 0 and meta["files"]["faiss"]["nlist"] == "205"  # 8000 // 39
+    again = VideoIndex.load(tmp_path / "ix")
+    assert isinstance(again.backend, FaissIndex)
+    assert (again.backend.nlist, again.backend.nprobe) == (205, default_nprobe(8000, 205)) == (205, 129)
+    assert VideoIndex.load(tmp_path / "ix", nprobe=3).backend.nprobe == 3  # `--nprobe` wins
+    explicit = VideoIndex.from_vectors(x, settings=IndexSettings(backend="faiss", nlist=20, nprobe=2), backend="faiss")
+    explicit.save(tmp_path / "ex")
+    loaded = VideoIndex.load(tmp_path / "ex")
+    assert (loaded.backend.nlist, loaded.backend.nprobe) == (20, 2)  # type: ignore[attr-defined]
+    rule = VideoIndex.load(tmp_path / "ex", nprobe=0)  # `--nprobe 0`: the size rule over a recorded value
+    assert rule.backend.nprobe == default_nprobe(8000, 20) == 13 and rule.settings.nprobe == 0  # type: ignore[attr-defined]
+    with pytest.raises(VidretError, match="nprobe must be an int >= 0"):
+        IndexSettings(nprobe=-1)
 
 
 # ------------------------------------------------------------------------------------------ building

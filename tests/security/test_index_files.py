@@ -205,7 +205,7 @@ def test_recorded_backbone_file_is_not_loaded_without_the_flag(
     with pytest.raises(VidretError, match=r"pass --backbone") as e:
         open_model_for_index(VideoIndex.load(ix))
     assert str(evil) in str(e.value) and str(ix) in str(e.value)
-    assert main(["search", str(ix), "red"]) == 2
+    assert main(["search", str(ix), "red"]) == 1
     assert f"--backbone {evil}" in capsys.readouterr().err
     assert opened == []
 
@@ -539,8 +539,8 @@ def test_cli_reports_a_malformed_index_without_a_traceback(
     meta["files"] = "features.npy"
     write_meta(ix, meta)
     capsys.readouterr()
-    assert main(["search", str(ix), "red"]) == 2
+    assert main(["search", str(ix), "red"]) == 1
     update = ["index", "--update", "--adapter", str(adapter), "--videos", str(videos), "--out", str(ix)]
-    assert main([*update, "--workers", "0"]) == 2
+    assert main([*update, "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert err.count("is not a valid vidret index: files must be an object") == 2 and "Traceback" not in err

@@ -412,7 +412,7 @@ def test_serve_on_a_busy_port_fails_before_announcing(
         port = busy.getsockname()[1]
         rc = main(["serve", "col=unused", "--port", str(port)])
     captured = capsys.readouterr()
-    assert rc == 2 and "serving" not in captured.out
+    assert rc == 1 and "serving" not in captured.out
     assert f"port {port} on 127.0.0.1 is in use; pass --port" in captured.err
     assert "Traceback" not in captured.err
 

@@ -229,6 +229,8 @@ SPEC = MethodSpec(
         "seq": {"mode": "seq"},
         # Closest reconstruction of MV-Adapter's bottleneck baseline (2.765% vs 2.78% reported on B/16).
         "mvadapter_table": {"sublayers": ["attn", "mlp"], "train_biases": True},
+        # pocket-small (width 64): r = 16 beside every MLP, 17,024 trainable, 3.7% of its non-embedding parameters
+        "pocket": {"r": 16},
     },
     extra_trainables=extra_trainables,
     reference=(

@@ -240,6 +240,8 @@ SPEC = MethodSpec(
         "attn_only": {"sublayers": ["attn"]},  # the paper's Convpass-attn variant
         # Reconstruction of MV-Adapter's Convpass baseline: 2.794% on ViT-B/16 (paper: 2.80%).
         "mvadapter_table": {"r": 52, "train_biases": True},
+        # pocket-small (width 64): r = 8, both towers: 23,808 trainable, 5.1% of its non-embedding parameters
+        "pocket": {"r": 8},
     },
     extra_trainables=extra_trainables,
     reference=(

@@ -263,6 +263,12 @@ SPEC = MethodSpec(
     config_cls=LoRAConfig,
     inject=inject,
     description="LoRA on attention q/v (configurable: k, out, mlp), rank 8, both towers; merge() folds it into W",
-    presets={"qv": {}, "qkvo": {"targets": ["q", "k", "v", "out"]}, "all": {"targets": ["q", "k", "v", "out", "mlp"]}},
+    presets={
+        "qv": {},
+        "qkvo": {"targets": ["q", "k", "v", "out"]},
+        "all": {"targets": ["q", "k", "v", "out", "mlp"]},
+        # pocket-small (width 64): rank 8 on q and v, 16,384 trainable, 3.5% of its non-embedding parameters
+        "pocket": {"r": 8},
+    },
     reference="Hu et al., LoRA (arXiv 2106.09685)",
 )

@@ -176,6 +176,9 @@ SPEC = MethodSpec(
         "vpt_deep": {"text_tokens": 0},
         "vpt_shallow": {"text_tokens": 0, "visual_depth": "shallow"},
         "coop": {"visual_tokens": 0},
+        # pocket-small (width 64): 8 visual prompts per block + 4 text context vectors: 2,304 trainable, 0.5% of
+        # its non-embedding parameters
+        "pocket": {},
     },
     init_behaviour="changes",  # inserted tokens take attention mass: not an identity, no bound (module docstring)
     reference=(

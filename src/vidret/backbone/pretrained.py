@@ -2,7 +2,8 @@
 
 ``load_backbone(name_or_path)`` accepts
 
-* a pretrained name from :data:`PRETRAINED` (downloaded once into the cache dir, sha256-verified);
+* a pretrained name from :data:`PRETRAINED` (downloaded once into the cache dir, sha256-verified; the pocket CLIP,
+  ``pocket-small``, ships inside the package and is read from there, sha256-verified too);
 * a file, recognised by its content rather than its extension: an OpenAI TorchScript archive (``.pt``), a
   plain ``torch.save`` state dict (``.pt/.pth/.bin``, also open_clip training checkpoints), or
   ``.safetensors`` (HF keys, OpenAI keys, or ours as written by :func:`convert_checkpoint`);
@@ -78,12 +79,20 @@ class PretrainedSource:
     """Where a pretrained backbone comes from."""
 
     config: str  # named architecture the weights must have (configs/<config>.json)
-    url: str  # direct download URL
+    url: str  # direct download URL ("" for weights that ship inside the package)
     sha256: str  # hex digest of the whole file
+    package_file: str = ""  # path inside the vidret package of weights shipped with it ("" = downloaded)
 
     @property
     def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return (self.package_file or self.url).rsplit("/", 1)[-1]
+
+
+def packaged_path(src: PretrainedSource) -> Path:
+    """Where weights that ship inside the package are installed (editable or normal install alike)."""
+    from importlib.resources import files
+
+    return Path(str(files("vidret").joinpath(src.package_file)))
 
 
 def _openai(config: str, sha256: str, filename: str) -> PretrainedSource:
@@ -101,6 +110,14 @@ PRETRAINED: dict[str, PretrainedSource] = {
     "ViT-L-14": _openai("ViT-L-14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
     "ViT-L-14-336": _openai(
         "ViT-L-14-336", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"
+    ),
+    # The pocket CLIP (POCKET.md), pretrained once on the pocket world's static image-caption set and shipped in
+    # the package (fp16 safetensors). Regenerate: see backbone/weights/README.md for the exact command.
+    "pocket-small": PretrainedSource(
+        "pocket-small",
+        "",
+        "730088dcbdeda4beecdec74a2585ae82e1bded70143822f21d573a06ca523fea",
+        package_file="backbone/weights/pocket-small.safetensors",
     ),
 }
 
@@ -189,6 +206,8 @@ def download(name: str, cache_dir: str | os.PathLike[str] | None = None, *, prog
     if name not in PRETRAINED:
         raise VidretError(f"no pretrained weights named {name!r}; available: {', '.join(PRETRAINED)}")
     src = PRETRAINED[name]
+    if src.package_file:
+        return _packaged(name, src)
     root = resolve_cache_dir(cache_dir)
     target = root / src.filename
     if target.is_file():
@@ -212,6 +231,20 @@ def download(name: str, cache_dir: str | os.PathLike[str] | None = None, *, prog
         if target.is_file() and _stamp_ok(target, src.sha256):
             return target  # another process (e.g. another DDP rank) finished it while we waited
         return _download_locked(name, src, target, progress)
+
+
+def _packaged(name: str, src: PretrainedSource) -> Path:
+    """The shipped weights of ``name``, sha256-checked (a few MB: hashed on every load)."""
+    path = packaged_path(src)
+    regen = "reinstall vidret, or regenerate the file as backbone/weights/README.md says"
+    if not path.is_file():
+        raise VidretError(
+            f"the weights of {name!r} should ship with vidret at {path}, but the file is missing: {regen}"
+        )
+    digest = _sha256(path)
+    if digest != src.sha256:
+        raise VidretError(f"{path} has sha256 {digest}, not the {src.sha256} vidret expects for {name!r}: {regen}")
+    return path
 
 
 @contextlib.contextmanager
@@ -584,11 +617,13 @@ def backbone_info(
         pretrained = None
         if text in PRETRAINED:
             src = PRETRAINED[text]
-            target = resolve_cache_dir(cache_dir) / src.filename
+            target = packaged_path(src) if src.package_file else resolve_cache_dir(cache_dir) / src.filename
             pretrained = {"url": src.url, "sha256": src.sha256, "cached": str(target) if target.is_file() else None}
         return {
             "name": config.name,
-            "source": pretrained["url"] if pretrained else "architecture only (no pretrained weights)",
+            "source": (pretrained["url"] or f"shipped with vidret: {pretrained['cached']}")
+            if pretrained
+            else "architecture only (no pretrained weights)",
             "format": "named config",
             "architecture": config.to_dict(),
             "parameters": _param_counts(_expected(config)),

@@ -306,13 +306,20 @@ def format_decode_benchmark(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``vidret bench decode``: run the benchmark, print the table (and write JSON with --json)."""
-    ap = argparse.ArgumentParser(prog="vidret bench decode", description=__doc__.split("\n\n")[0])
+    from vidret.cli import HelpFormatter, example_epilog
+
+    ap = argparse.ArgumentParser(
+        prog="vidret bench decode",
+        description=__doc__.split("\n\n")[0],
+        epilog=example_epilog("vidret bench decode --clips 8 --workers 0 --json decode.json"),
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--clips", type=int, default=24, help="synthetic clips to generate")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
     ap.add_argument("--frames", type=int, default=12, help="frames per clip (T)")
     ap.add_argument("--size", type=int, default=224, help="frame side after resize + crop")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--clip-seconds", type=float, default=10.0)
+    ap.add_argument("--batch-size", type=int, default=4, help="clips per DataLoader batch")
+    ap.add_argument("--clip-seconds", type=float, default=10.0, help="length of each synthetic clip")
     ap.add_argument("--min-seconds", type=float, default=5.0, help="minimum timed seconds per measurement")
     ap.add_argument("--work-dir", default=None, help="keep (and reuse) the clips here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the result as JSON to this file")

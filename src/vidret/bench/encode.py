@@ -212,19 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `vidret bench encode -- --backbone ...` passes the separator through
         argv = argv[1:]
-    ap = argparse.ArgumentParser(prog="vidret bench encode", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backbone", default="ViT-B-16")
+    from vidret.cli import HelpFormatter, example_epilog
+
+    ap = argparse.ArgumentParser(
+        prog="vidret bench encode",
+        description=__doc__.split("\n\n")[0],
+        epilog=example_epilog("vidret bench encode --backbone pocket-small --methods frozen mv_adapter --steps 2"),
+        formatter_class=HelpFormatter,
+    )
+    ap.add_argument("--backbone", default="ViT-B-16", help="named architecture (random weights)")
     ap.add_argument("--methods", nargs="+", default=["frozen"], help="method specs, or 'all'")
-    ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=12, help="T frames per video")
+    ap.add_argument("--batch", type=int, default=8, help="B videos per forward pass")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     ap.add_argument("--steps", type=int, default=5, help="timed rounds")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--compile", action="store_true", help="torch.compile encode_video")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak (default: data-sheet table)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = current)")
+    ap.add_argument("--seed", type=int, default=0, help="random weights and inputs")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     result = run_encode_benchmark(

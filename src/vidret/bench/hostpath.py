@@ -151,13 +151,20 @@ def format_hostpath_benchmark(r: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vidret bench hostpath", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="ViT-B-16")
+    from vidret.cli import HelpFormatter, example_epilog
+
+    p = argparse.ArgumentParser(
+        prog="vidret bench hostpath",
+        description=__doc__.split("\n\n")[0],
+        epilog=example_epilog("vidret bench hostpath --backbone pocket-small --steps 2 --out hostpath.json"),
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--backbone", default="ViT-B-16", help="named architecture (random weights)")
     p.add_argument("--method", default="lora", help="method spec as in `vidret bench train`")
-    p.add_argument("--frames", type=int, default=12)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--frames", type=int, default=12, help="T frames per video")
+    p.add_argument("--batch", type=int, default=2, help="B videos per step")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()), help="torch threads")
     p.add_argument("--no-allocator", action="store_true", help="only the QuickGELU part")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)

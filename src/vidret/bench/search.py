@@ -59,12 +59,12 @@ class SearchBenchConfig:
     sizes: tuple[int, ...] = (100_000, 1_000_000)  # collection sizes N
     dim: int = 512  # vector dimension (CLIP ViT-B embed dim)
     backends: tuple[str, ...] = ("exact", "faiss")  # measured through HTTP, in this order
-    clients: int = 8  # concurrent HTTP clients
+    clients: tuple[int, ...] = (8,)  # concurrent HTTP clients; one load row per value (1 = a query alone)
     duration_s: float = 20.0  # measured load per (N, backend)
     warmup_s: float = 2.0  # unmeasured load before each measurement
     k: int = 10  # results per query (and the k of recall@k)
-    nlist: int = 0  # FAISS IVF lists; 0 = ~sqrt(N)
-    nprobe: int = 32  # FAISS lists probed by the served index
+    nlist: int = 0  # FAISS IVF lists; 0 = chosen from N (backends.default_nlist)
+    nprobe: int = 0  # FAISS lists probed by the served index; 0 = chosen from N (backends.default_nprobe)
     sweep: tuple[int, ...] = (1, 4, 16, 64, 256)  # nprobe values of the recall sweep
     recall_queries: int = 200  # queries of the recall measurement
     data: DataKind = "random"  # random unit vectors, or a mixture of clusters (closer to real embeddings)
@@ -72,17 +72,28 @@ class SearchBenchConfig:
     persist: bool = True  # save + reload through the index format (False: serve from memory)
     threads: int = 0  # torch / FAISS threads in the server process; 0 = their defaults (one per core)
     seed: int = 0
+    encoder: Literal["tiny", "vit-b-32"] = "tiny"  # text tower: tiny random, or ViT-B/32's shape (random weights)
+    quantize: bool = False  # int8 dynamic quantisation of the text tower (vidret search/serve --quantize)
+    text_cache: int = 0  # the service's query-embedding LRU size; 0: every query runs the encoder
 
     def __post_init__(self) -> None:
         if not self.sizes or any(n < 100 for n in self.sizes):
             raise VidretError("sizes must be >= 100")
         if any(b not in ("exact", "faiss") for b in self.backends):
             raise VidretError("backends must be exact and/or faiss")
-        if self.clients < 1 or self.duration_s <= 0 or self.k < 1 or self.dim < 2:
+        if not self.clients or min(self.clients) < 1 or self.duration_s <= 0 or self.k < 1 or self.dim < 2:
             raise VidretError("clients, duration, k must be positive and dim >= 2")
 
 
 # ------------------------------------------------------------------------------------------ server side
+
+
+def vitb32_text_model() -> Any:
+    """ViT-B/32's architecture with random weights (the cost is the real one)."""
+    from vidret.backbone.clip import create_backbone
+    from vidret.model import build_model
+
+    return build_model(create_backbone("ViT-B-32", seed=0).eval(), "frozen", adapter_name="bench").eval()
 
 
 def tiny_text_model(dim: int) -> Any:
@@ -119,6 +130,12 @@ def _recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return hits / exact.numel()
 
 
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
 def _median_ms(fn: Any, queries: torch.Tensor, reps: int = 20) -> float:
     times = []
     for i in range(min(reps, queries.shape[0])):
@@ -138,8 +155,18 @@ def _prepare(cfg: SearchBenchConfig, n: int, workdir: str) -> tuple[Any, dict[st
     from vidret.retrieval.service import Collection, SearchService
 
     stats: dict[str, Any] = {"n": n, "dim": cfg.dim, "data": cfg.data}
-    model = tiny_text_model(cfg.dim)
+    from vidret.retrieval.query import drop_vision, quantize_text_tower
+
+    model = vitb32_text_model() if cfg.encoder == "vit-b-32" else tiny_text_model(cfg.dim)
+    if model.clip.config.embed_dim != cfg.dim:
+        raise VidretError(f"--encoder {cfg.encoder} embeds to {model.clip.config.embed_dim}, not --dim {cfg.dim}")
     stats["text_encoder_params"] = sum(p.numel() for p in model.clip.text.parameters())
+    stats["encoder"] = cfg.encoder
+    sentences = query_sentences(cfg.recall_queries, cfg.seed + 2)
+    if cfg.quantize:
+        with torch.no_grad():
+            fp32 = model.encode_text(tokenize(sentences, 32))
+        stats["quantized_linears"] = quantize_text_tower(model)
     t0 = time.perf_counter()
     vectors = synthetic_vectors(n, cfg.dim, cfg.seed, cfg.data)
     stats["generate_s"] = time.perf_counter() - t0
@@ -161,11 +188,14 @@ def _prepare(cfg: SearchBenchConfig, n: int, workdir: str) -> tuple[Any, dict[st
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     rq = torch.nn.functional.normalize(torch.randn(cfg.recall_queries, cfg.dim, generator=rng), dim=-1)
     with torch.no_grad():
-        tq = torch.nn.functional.normalize(
-            model.encode_text(tokenize(query_sentences(cfg.recall_queries, cfg.seed + 2), 32)), dim=-1
-        )
+        tq = torch.nn.functional.normalize(model.encode_text(tokenize(sentences, 32)), dim=-1)
+        one = tokenize(sentences[:1], 32)
+        stats["encode_ms_one_query"] = float(np.median([_timed(lambda: model.encode_text(one)) for _ in range(10)]))
     _, truth = exact.search(rq, cfg.k)
     _, truth_text = exact.search(tq, cfg.k)
+    if cfg.quantize:  # recall@k of the int8 encoder's results against the fp32 encoder's, exact search
+        _, fp32_rows = exact.search(torch.nn.functional.normalize(fp32, dim=-1), cfg.k)
+        stats["int8_recall_vs_fp32"] = _recall(truth_text, fp32_rows)
     stats["exact_ms_per_query"] = _median_ms(lambda q: exact.search(q, cfg.k), rq)
     if "faiss" in cfg.backends:
         t0 = time.perf_counter()
@@ -173,8 +203,9 @@ def _prepare(cfg: SearchBenchConfig, n: int, workdir: str) -> tuple[Any, dict[st
         fi = FaissIndex(index.vectors, cfg.nlist, cfg.nprobe, seed=cfg.seed)
         stats["faiss_build_s"] = time.perf_counter() - t0
         stats["nlist"] = fi.nlist
+        stats["nprobe"] = fi.nprobe  # the served value (cfg.nprobe, or the size rule's when 0)
         sweep = []
-        for p in sorted(set(cfg.sweep) | {cfg.nprobe}):
+        for p in sorted({min(p, fi.nlist) for p in cfg.sweep if p > 0} | {stats["nprobe"]}):
             fi.nprobe = p
             _, rows = fi.search(rq, cfg.k)
             _, rows_t = fi.search(tq, cfg.k)
@@ -187,12 +218,13 @@ def _prepare(cfg: SearchBenchConfig, n: int, workdir: str) -> tuple[Any, dict[st
                 }
             )
         stats["sweep"] = sweep
-        fi.nprobe = cfg.nprobe
+        fi.nprobe = stats["nprobe"]
         faiss_index = dataclasses.replace(index, backend_name="faiss", _backend=fi, _rows=None)
         collections.append(Collection("faiss", faiss_index, "bench"))
     bank = AdapterBank(model.clip)
     bank.add("bench", model)
-    service = SearchService(bank, collections)
+    drop_vision(model)  # as `vidret serve` does: queries never run the vision tower
+    service = SearchService(bank, collections, text_cache_size=cfg.text_cache)
     service.warm_up()
     return service, stats
 
@@ -225,7 +257,7 @@ def _server_main(cfg_json: str, n: int, port: int, conn: Any, parent_pid: int) -
 
 def _config_from_json(s: str) -> SearchBenchConfig:
     d = json.loads(s)
-    for key in ("sizes", "backends", "sweep"):
+    for key in ("sizes", "backends", "sweep", "clients"):
         d[key] = tuple(d[key])
     return SearchBenchConfig(**d)
 
@@ -385,9 +417,10 @@ def run_bench(cfg: SearchBenchConfig, log: Any = None) -> dict[str, Any]:
             _wait_healthy(base, proc)
             loads = []
             for backend in cfg.backends:
-                log(f"[bench search] N={n} {backend}: {cfg.clients} clients for {cfg.duration_s:g} s ...")
-                res = run_load(base, backend, n, cfg.clients, cfg.duration_s, cfg.warmup_s, cfg.k, cfg.seed)
-                loads.append(res.summary())
+                for clients in cfg.clients:
+                    log(f"[bench search] N={n} {backend}: {clients} clients for {cfg.duration_s:g} s ...")
+                    res = run_load(base, backend, n, clients, cfg.duration_s, cfg.warmup_s, cfg.k, cfg.seed)
+                    loads.append({**res.summary(), "clients": clients})
                 log(f"[bench search]   {_load_line(loads[-1])}")
             out["sizes"].append({"stats": stats, "load": loads})
         finally:
@@ -419,21 +452,25 @@ def format_markdown(res: dict[str, Any]) -> str:
         f"total {res.get('total_s', 0):.0f} s.",
         "",
         f"Data: {cfg['data']} unit vectors, dim {cfg['dim']}, stored as {cfg['storage']}; "
-        f"{cfg['clients']} concurrent HTTP clients for {cfg['duration_s']:g} s per row (after {cfg['warmup_s']:g} s "
-        f"warm-up); k = {cfg['k']}; server threads: {cfg.get('threads') or 'default'}.",
+        f"concurrent HTTP clients for {cfg['duration_s']:g} s per row (after {cfg['warmup_s']:g} s "
+        f"warm-up); k = {cfg['k']}; server threads: {cfg.get('threads') or 'default'}; text encoder "
+        f"{cfg.get('encoder', 'tiny')}{' int8' if cfg.get('quantize') else ''}; query cache "
+        f"{cfg.get('text_cache') or 'off'}.",
         "",
-        "| N | backend | nprobe | p50 ms | p90 ms | p99 ms | max ms | req/s | requests | errors | recall@k |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | backend | clients | nprobe | p50 ms | p90 ms | p99 ms | max ms | req/s | requests | errors | recall@k |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size in res["sizes"]:
         st = size["stats"]
-        served = next((s for s in st.get("sweep", []) if s["nprobe"] == min(cfg["nprobe"], st.get("nlist", 1))), None)
+        want = st.get("nprobe") or min(cfg["nprobe"], st.get("nlist", 1))  # results written before: cfg's value
+        served = next((s for s in st.get("sweep", []) if s["nprobe"] == want), None)
         for ld in size["load"]:
             faiss_row = ld["backend"] == "faiss"
             nprobe = f"{served['nprobe']}/{st['nlist']}" if faiss_row and served else "-"
             recall = f"{served['recall']:.3f}" if faiss_row and served else "1 (exact)"
             lines.append(
-                f"| {st['n']:,} | {ld['backend']} | {nprobe} | {ld['p50_ms']:.1f} | {ld['p90_ms']:.1f} | "
+                f"| {st['n']:,} | {ld['backend']} | {ld.get('clients', '-')} | {nprobe} | {ld['p50_ms']:.1f} | "
+                f"{ld['p90_ms']:.1f} | "
                 f"{ld['p99_ms']:.1f} | {ld['max_ms']:.1f} | {ld['qps']:.1f} | {ld['requests']} | {ld['errors']} | "
                 f"{recall} |"
             )
@@ -468,9 +505,24 @@ def format_markdown(res: dict[str, Any]) -> str:
                     f"| {st['n']:,} | {st['nlist']} | {s['nprobe']} | {s['recall']:.3f} | {s['recall_text']:.3f} | "
                     f"{s['ms_per_query']:.2f} |"
                 )
-    enc = res["sizes"][0]["stats"].get("text_encoder_params") if res["sizes"] else None
+    st0 = res["sizes"][0]["stats"] if res["sizes"] else {}
+    enc = st0.get("text_encoder_params")
     if enc:
-        lines += ["", f"Text encoder: random CLIP text tower, width 32, 2 layers, {enc:,} parameters."]
+        shape = (
+            "ViT-B/32's text tower (width 512, 12 layers)"
+            if st0.get("encoder") == "vit-b-32"
+            else ("width 32, 2 layers")
+        )
+        lines += [
+            "",
+            f"Text encoder: random CLIP text tower, {shape}, {enc:,} parameters; one query alone "
+            f"{st0.get('encode_ms_one_query', float('nan')):.1f} ms in-process.",
+        ]
+    if "int8_recall_vs_fp32" in st0:
+        lines += [
+            f"int8 text tower: recall@{cfg['k']} of its exact-search results against the fp32 tower's: "
+            f"{st0['int8_recall_vs_fp32']:.3f} ({cfg['recall_queries']} queries)."
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -484,12 +536,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=_ints, default=SearchBenchConfig.sizes, help="comma-separated N")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--backends", default="exact,faiss")
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=_ints, default=(8,), help="concurrent clients, comma-separated (1,8: two rows)")
+    p.add_argument("--encoder", choices=["tiny", "vit-b-32"], default="tiny", help="text tower shape (random)")
+    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantised text tower")
+    p.add_argument("--text-cache", type=int, default=0, help="query-embedding LRU size of the service (0 = off)")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per size and backend")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--nlist", type=int, default=0, help="FAISS IVF lists (0 = ~sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=32, help="FAISS lists probed by the served index")
+    p.add_argument("--nlist", type=int, default=0, help="FAISS IVF lists (0 = chosen from N: 4 sqrt(N), <= 1024)")
+    p.add_argument(
+        "--nprobe", type=int, default=0, help="FAISS lists probed by the served index (0 = chosen from N and nlist)"
+    )
     p.add_argument("--sweep", type=_ints, default=SearchBenchConfig.sweep, help="nprobe values for recall")
     p.add_argument("--recall-queries", type=int, default=200)
     p.add_argument("--data", choices=["random", "clustered"], default="random")
@@ -505,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         dim=args.dim,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         clients=args.clients,
+        encoder=args.encoder,
+        quantize=args.quantize,
+        text_cache=args.text_cache,
         duration_s=args.duration,
         warmup_s=args.warmup,
         k=args.k,

@@ -718,7 +718,14 @@ def format_storage_benchmark(result: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vidret bench train", description=__doc__.split("\n\n")[0])
+    from vidret.cli import HelpFormatter, example_epilog
+
+    ap = argparse.ArgumentParser(
+        prog="vidret bench train",
+        description=__doc__.split("\n\n")[0],
+        epilog=example_epilog("vidret bench train --backbone pocket-small --methods full lora --steps 2"),
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--backbone", default="ViT-B-16", help="named architecture (random weights)")
     ap.add_argument("--methods", nargs="+", default=["all"], help="method specs, or 'all' (see the docstring)")
     ap.add_argument("--frames", type=int, default=12, help="T frames per video")
@@ -728,14 +735,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every method each)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--isolate", default="auto", choices=["auto", "process", "none"])
+    ap.add_argument(
+        "--isolate",
+        default="auto",
+        choices=["auto", "process", "none"],
+        help="a subprocess per method, for an honest peak RSS (auto: on CPU; none on GPU)",
+    )
     ap.add_argument("--no-frozen-prefix", action="store_true", help="do not run frozen leading blocks under no_grad")
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--no-count", action="store_true", help="skip the FLOP / sync counting step")
     ap.add_argument("--no-timing", action="store_true", help="skip the interleaved timing phase")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = current)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random weights and inputs")
     ap.add_argument("--storage", action="store_true", help="only the storage table (bytes on disk per task)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     ap.add_argument("--worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)

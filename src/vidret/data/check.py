@@ -13,7 +13,6 @@ import statistics
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from vidret.data.decode import BadVideoError, PyAVDecoder, VideoInfo
@@ -136,7 +135,7 @@ def check_manifest(
         e.video_id for e in entries if e.start is not None and e.path in infos and e.start >= infos[e.path].duration
     ]
     return CheckReport(
-        manifest=str(Path(path)),
+        manifest=os.path.normpath(path),
         videos=len(entries),
         captions=sum(counts),
         captions_per_video=(min(counts), sum(counts) / len(counts), max(counts)) if counts else (0, 0.0, 0),

@@ -6,12 +6,20 @@
   "objects": [...]}``): static scenes of 1-2 coloured shapes with size and 3x3-grid position captions.
 - ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` / ``probe.jsonl``: vidret manifests of real h264
   ``.mp4`` clips under ``videos/<split>/``. In a clip one or two objects move, grow, shrink, appear,
-  disappear or change colour, one or two events in sequence; captions say what happens and in which
-  order, with several templates and synonyms (some put the later event first: "B after A").
+  disappear or change colour, one or two events in sequence. Objects start near the centre of a 3x3 grid
+  cell, as in the pretraining images, and a move takes an object exactly one cell along.
+  Every caption is a STATIC clause + an EVENT clause: the static clause describes the first frame (size,
+  colour, shape and grid cell of each visible object) with the pretraining captions' own generator, so
+  every static word is in the pretraining vocabulary and a strong frozen CLIP can match it; the event
+  clause says what happens in which order, with several templates and synonyms (some put the later
+  event first: "B after A"), and is what adaptation must learn: "a big red circle in the top left and
+  a small blue square in the centre; the square moves right, then the red circle turns green". Every
+  caption fits in ``CAPTION_TOKENS`` tokens (redrawn otherwise), so nothing is truncated.
   ``probe`` holds static clips with pretraining-style captions (a zero-shot sanity check).
 - ``test_pairs.json``: the time-reversed hard negatives. For a share of the test clips the same frames
   in reverse order are a second video (``<id>_rev``) whose caption describes the reversed events.
-- ``<split>_events.jsonl``: the symbolic scene of every clip (for per-event analysis).
+- ``<split>_events.jsonl``: the symbolic scene of every clip (for per-event analysis): its objects, events,
+  ``first_frame`` (what the static clause describes, symbolically) and ``static_clauses`` (of each caption).
 - ``pocket_world.json`` (written LAST, so its presence marks a complete world): config, counts, version.
 
 Why reversal pairs are hard negatives that only temporal models can separate: every frame is coded
@@ -21,7 +29,9 @@ order-blind pooling (meanP) therefore gives both videos the same embedding. This
 sampler takes all ``config.frames`` frames: clips are written at ``config.fps`` (1 by default), so
 the usual "1 fps, then uniform subsample to T" sampling with ``T = config.frames`` returns each
 frame once. The event grammar is reversal-symmetric (each symbolic scene is replaced by its reversal
-with probability 1/2, and palindromic scenes are rejected), so a twin is as likely as its original.
+with probability 1/2, and palindromic scenes are rejected; so are scenes whose first or last frame is
+empty, and placements are symmetric too), so a twin is as likely as its original. A twin's caption
+describes ITS first frame (the original's last) and its own order of events.
 """
 
 from __future__ import annotations
@@ -44,10 +54,13 @@ from vidret.errors import VidretError
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump whenever the output for a given config changes
+# bump whenever the output for a given config changes. 2: objects sit on the 3x3 grid and move one cell; every
+# video caption is a static clause (the first frame, in the pretraining's words) + the event clause.
+GENERATOR_VERSION = 2
 PocketSize = Literal["tiny", "small", "default"]
 Split = Literal["train", "val", "test", "probe"]
 _SPLIT_IDS = {"pretrain": 0, "train": 1, "val": 2, "test": 3, "probe": 4}  # part of every item's seed
+CAPTION_TOKENS = 48  # every video caption fits in this many tokens with SOT/EOT (redrawn otherwise): max_words
 _INFO = "pocket_world.json"
 _FILES = {
     "pretrain_images": "pretrain_images.npy",
@@ -220,6 +233,8 @@ _TWO_EVENTS += [(t, True) for t in _w("{b} after {a}|before {b}, {a}|{b}, but fi
 _STATIC_ONE = _w("{o}|a picture of {o}|an image of {o}|there is {o}|{o} on a dark background|a frame showing {o}")
 _STATIC_TWO = _w("{o1} and {o2}|there is {o1} and {o2}|a picture of {o1} and {o2}|{o1} together with {o2}")
 _STATIC_TWO += _w("{o1} as well as {o2}|an image of {o1} and {o2}")
+# video caption = static clause (the first frame, as a pretraining caption) + event clause
+_JOINS = _w("{s}; {e}|{s}. {e}|{s}: {e}|{s}, and {e}")
 _OPPOSITE = {"right": "left", "up": "down", "grow": "shrink", "appear": "disappear"}
 _OPPOSITE.update({v: k for k, v in _OPPOSITE.items()})
 _DIRS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -347,7 +362,7 @@ def _sample_scene(rng: np.random.Generator, cfg: PocketConfig) -> tuple[list[_Ob
             else:
                 kind = _pick(rng, ["move", "size", "disappear", "recolour"])
                 if kind == "move":
-                    e = _Event(i, "move", _pick(rng, list(_DIRS)), float(rng.uniform(0.3, 0.4) * s))
+                    e = _Event(i, "move", _pick(rng, list(_DIRS)), s / 3)  # one grid cell
                 elif kind == "size":
                     e = _Event(i, "shrink" if o.size >= large else "grow")
                 elif kind == "recolour":
@@ -369,39 +384,64 @@ def _sample_scene(rng: np.random.Generator, cfg: PocketConfig) -> tuple[list[_Ob
             objs, events = _reverse(objs, events, s)
         if [_symbolic(e) for e in _reverse(objs, events, s)[1]] == [_symbolic(e) for e in events]:
             continue  # a palindrome ("grows, then shrinks") looks the same backwards
-        return _place(rng, objs, events, s), events
+        if not any(o.present for o in objs) or not any(o.present for o in _start_states(objs, events, s)[1]):
+            continue  # an empty first (or, for the twin, last) frame has no static clause; symmetric, so fair
+        placed = _place(rng, objs, events, s)
+        if placed is None:
+            continue  # the moves do not fit on the grid from any start cells
+        return placed, events
 
 
-def _place(rng: np.random.Generator, objs: list[_Obj], events: list[_Event], s: int) -> list[_Obj]:
-    """Pick start positions so that every trajectory stays in frame; avoid overlapping paths."""
+def _place(rng: np.random.Generator, objs: list[_Obj], events: list[_Event], s: int) -> list[_Obj] | None:
+    """Start every object near the centre of a 3x3 grid cell (as in the pretraining images); None if no fit.
+
+    A move is exactly one cell, so an object also ends near a cell centre and the last frame (the twin's first)
+    is as pretraining-like as the first. The cells each object visits stay on the grid and apart from the other
+    object's cells. The jitter is the pretraining images' (+-5% of the frame), clamped to keep the whole
+    trajectory in frame.
+    """
     _, large = _sizes(s)
-    boxes_lo_hi = []
-    for i, o in enumerate(objs):
-        ox = [0.0]
-        oy = [0.0]
+    cell = s / 3
+    paths: list[list[tuple[int, int]]] = []  # per object: (row, col) offsets of the cells it visits
+    for i in range(len(objs)):
+        path = [(0, 0)]
         for e in events:
             if e.obj == i and e.kind == "move":
                 dx, dy = _DIRS[e.arg]
-                ox.append(ox[-1] + dx * e.dist)
-                oy.append(oy[-1] + dy * e.dist)
+                path.append((path[-1][0] + int(dy), path[-1][1] + int(dx)))
+        paths.append(path)
+    starts: list[tuple[int, int]] = []
+    for _ in range(50):
+        starts = []
+        for path in paths:
+            rows = [r for r in range(3) if all(0 <= r + dr < 3 for dr, _ in path)]
+            cols = [c for c in range(3) if all(0 <= c + dc < 3 for _, dc in path)]
+            if not rows or not cols:
+                return None
+            starts.append((_pick(rng, rows), _pick(rng, cols)))  # type: ignore[arg-type]
+        visited = [{(r + dr, c + dc) for dr, dc in path} for (r, c), path in zip(starts, paths)]
+        if len(visited) < 2 or not visited[0] & visited[1]:
+            break
+    else:
+        return None
+    placed = []
+    for i, (o, (row, col), path) in enumerate(zip(objs, starts, paths)):
         grows = o.size >= large or any(e.obj == i and e.kind == "grow" for e in events)
         half = (large if grows else o.size) / 2 + 1.0
-        boxes_lo_hi.append((min(ox), max(ox), min(oy), max(oy), half))
-    placed = list(objs)
-    for _ in range(50):
-        rects = []
-        for i, (x0, x1, y0, y1, half) in enumerate(boxes_lo_hi):
-            cx = float(rng.uniform(half - x0, s - half - x1))
-            cy = float(rng.uniform(half - y0, s - half - y1))
-            placed[i] = replace(objs[i], x=cx, y=cy)
-            rects.append((cx + x0 - half, cx + x1 + half, cy + y0 - half, cy + y1 + half))
-        if len(rects) < 2 or not _overlap(rects[0], rects[1]):
-            break
+        jitter = 0.05 * s
+        cx = (col + 0.5) * cell + float(rng.uniform(-jitter, jitter))
+        cy = (row + 0.5) * cell + float(rng.uniform(-jitter, jitter))
+        lo_x, hi_x = min(dc for _, dc in path) * cell, max(dc for _, dc in path) * cell
+        lo_y, hi_y = min(dr for dr, _ in path) * cell, max(dr for dr, _ in path) * cell
+        cx = min(max(cx, half - lo_x), s - half - hi_x)
+        cy = min(max(cy, half - lo_y), s - half - hi_y)
+        placed.append(replace(o, x=cx, y=cy))
     return placed
 
 
-def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+def _cell(o: _Obj, s: int) -> tuple[int, int]:
+    """The (row, col) grid cell holding an object's centre."""
+    return min(max(int(o.y * 3 // s), 0), 2), min(max(int(o.x * 3 // s), 0), 2)
 
 
 def _sample_static(rng: np.random.Generator, cfg: PocketConfig) -> tuple[list[_Obj], list[tuple[int, int]]]:
@@ -494,19 +534,24 @@ def _noun(o: _Obj, rng: np.random.Generator, s: int, with_size: bool) -> str:
     return " ".join(words)
 
 
-def _event_caption(objs: list[_Obj], events: list[_Event], rng: np.random.Generator, s: int) -> str:
+def _event_clause(objs: list[_Obj], events: list[_Event], rng: np.random.Generator, s: int, mentioned: set[int]) -> str:
+    """What happens, in order; objects the static clause named (``mentioned``) are "the <shape>"."""
     starts, _ = _start_states(objs, events, s)
     if len(events) == 1:
         template, later_first = _pick(rng, _ONE_EVENT), False
     else:
         template, later_first = _TWO_EVENTS[int(rng.integers(len(_TWO_EVENTS)))]
     order = list(range(len(events)))[::-1] if later_first else list(range(len(events)))
-    mentioned: set[int] = set()
+    mentioned = set(mentioned)
     clauses: dict[int, str] = {}
     for k in order:  # surface order decides "a" vs "the"
         e, o = events[k], starts[k][events[k].obj]
-        noun = _noun(o, rng, s, with_size=rng.random() < 0.3)
-        subject = f"the {noun}" if e.obj in mentioned else f"{_article(noun)} {noun}"
+        if e.obj in mentioned:
+            shape = _pick(rng, _SHAPE_WORDS[o.shape])
+            subject = f"the {shape}" if rng.random() < 0.5 else f"the {_pick(rng, _COLOUR_WORDS[o.colour])} {shape}"
+        else:  # not in the first frame (it appears later): introduced in full, in the pretraining's words
+            noun = _noun(o, rng, s, with_size=True)
+            subject = f"{_article(noun)} {noun}"
         mentioned.add(e.obj)
         if e.kind == "move":
             verb = _pick(rng, _MOVE_WORDS[e.arg])
@@ -515,12 +560,15 @@ def _event_caption(objs: list[_Obj], events: list[_Event], rng: np.random.Genera
             if e.kind == "recolour":
                 verb = verb.format(c=_pick(rng, _COLOUR_WORDS[e.arg]), c0=_pick(rng, _COLOUR_WORDS[o.colour]))
         clauses[k] = f"{subject} {verb}"
-    text = template.format(a=clauses[0], b=clauses.get(1, ""))
-    still = [i for i in range(len(objs)) if i not in {e.obj for e in events}]
-    if still and rng.random() < 0.4:
-        noun = _noun(objs[still[0]], rng, s, with_size=rng.random() < 0.3)
-        text += _pick(rng, _STILL_WORDS).format(o=f"{_article(noun)} {noun}")
-    return text
+    return template.format(a=clauses[0], b=clauses.get(1, ""))
+
+
+def _video_caption(objs: list[_Obj], events: list[_Event], rng: np.random.Generator, s: int) -> tuple[str, str]:
+    """(caption, its static clause): the first frame in the pretraining's own words, then the event clause."""
+    present = [i for i, o in enumerate(objs) if o.present]
+    static = _static_caption([objs[i] for i in present], [_cell(objs[i], s) for i in present], rng, s)
+    events_text = _event_clause(objs, events, rng, s, set(present))
+    return _pick(rng, _JOINS).format(s=static, e=events_text), static
 
 
 def _static_caption(objs: list[_Obj], cells: list[tuple[int, int]], rng: np.random.Generator, s: int) -> str:
@@ -544,17 +592,25 @@ def _static_caption(objs: list[_Obj], cells: list[tuple[int, int]], rng: np.rand
     return _pick(rng, _STATIC_TWO).format(o1=phrases[0], o2=phrases[1])
 
 
-def _captions(make: Callable[[np.random.Generator], str], seeds: list[list[int]], n: int) -> list[str]:
-    """``n`` distinct captions, the k-th drawn from its own rng (so a twin can share the phrasing)."""
+def _captions(
+    make: Callable[[np.random.Generator], tuple[str, str]], seeds: list[list[int]], n: int
+) -> tuple[list[str], list[str]]:
+    """``n`` distinct (caption, static clause) pairs, the k-th drawn from its own rng (a twin shares the phrasing)."""
+    from vidret.backbone.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
     out: list[str] = []
+    statics: list[str] = []
     for k in range(n):
         rng = np.random.default_rng(seeds[k])
         for _ in range(20):
-            c = make(rng)
-            if c not in out:
+            c, st = make(rng)
+            # distinct, and whole within CAPTION_TOKENS: truncation would cut the event clause off
+            if c not in out and len(tok.encode(c)) + 2 <= CAPTION_TOKENS:
                 break
         out.append(c)
-    return out
+        statics.append(st)
+    return out, statics
 
 
 # --------------------------------------------------------------------------- writing
@@ -579,13 +635,21 @@ def _write_mp4(path: Path, frames: np.ndarray, cfg: PocketConfig) -> None:
         container.mux(stream.encode(None))
 
 
-def _scene_json(objs: list[_Obj], events: list[_Event]) -> dict[str, Any]:
+def _scene_json(objs: list[_Obj], events: list[_Event], s: int) -> dict[str, Any]:
     def obj(o: _Obj) -> dict[str, Any]:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(o).items()}
 
+    large = _sizes(s)[1]
+    first = [
+        {"shape": o.shape, "colour": o.colour, "size": "large" if o.size >= large else "small"} | {"cell": _cell(o, s)}
+        for o in objs
+        if o.present
+    ]
     return {
         "objects": [obj(o) for o in objs],
         "events": [{"object": e.obj, "kind": e.kind, "arg": e.arg} for e in events],
+        # what the static clause describes: the objects of the first frame, symbolically (for the static oracle)
+        "first_frame": sorted(first, key=lambda d: (d["cell"], d["shape"])),
     }
 
 
@@ -603,21 +667,22 @@ def _clip_task(args: tuple[PocketConfig, str, Split, int]) -> list[tuple[Manifes
     if split == "probe":
         objs, cells = _sample_static(rng, cfg)
         frames = np.repeat(_render(objs, bg, s)[None], cfg.frames, axis=0)  # [S,S,3] -> [T,S,S,3]
-        caps = _captions(lambda r: _static_caption(objs, cells, r, s), seeds, n_caps)
-        rec = _scene_json(objs, [])
+        caps, statics = _captions(lambda r: (c := _static_caption(objs, cells, r, s), c), seeds, n_caps)
+        rec = _scene_json(objs, [], s)
     else:
         objs, events = _sample_scene(rng, cfg)
         frames = _render_clip(objs, events, bg, cfg)
-        caps = _captions(lambda r: _event_caption(objs, events, r, s), seeds, n_caps)
-        rec = _scene_json(objs, events)
+        caps, statics = _captions(lambda r: _video_caption(objs, events, r, s), seeds, n_caps)
+        rec = _scene_json(objs, events, s)
     _write_mp4(folder / f"{vid}.mp4", frames, cfg)
+    rec.update(static_clauses=statics)
     out.append((ManifestEntry(vid, f"videos/{split}/{vid}.mp4", tuple(caps)), {"video_id": vid, **rec}))
     if split == "test" and _has_twin(cfg, index):
         r_objs, r_events = _reverse(objs, events, s)
-        r_caps = _captions(lambda r: _event_caption(r_objs, r_events, r, s), seeds, n_caps)  # same phrasing
+        r_caps, r_statics = _captions(lambda r: _video_caption(r_objs, r_events, r, s), seeds, n_caps)  # same phrasing
         rid = f"{vid}_rev"
         _write_mp4(folder / f"{rid}.mp4", frames[::-1], cfg)  # the very same frames, backwards
-        rec = {"video_id": rid, "reversed_of": vid, **_scene_json(r_objs, r_events)}
+        rec = {"video_id": rid, "reversed_of": vid, **_scene_json(r_objs, r_events, s), "static_clauses": r_statics}
         out.append((ManifestEntry(rid, f"videos/{split}/{rid}.mp4", tuple(r_caps)), rec))
     return out
 

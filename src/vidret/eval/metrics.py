@@ -11,7 +11,14 @@ Conventions (METHODS.md, "Metrics"):
   match), so the default numbers are comparable with the papers. ``ties="pessimistic"`` gives
   ``rank = #(items scoring >= the ground truth)`` (the ground truth loses every tie); a gap between
   the two reveals a degenerate model (a collapsed embedding ties everything and is perfect under the
-  optimistic rule), and a warning is logged whenever a ground truth is tied.
+  optimistic rule), and a warning is logged whenever a ground truth is tied. ``ties="expected"`` is the
+  honest middle: the ground truth's position under a uniformly random tie-break. Its rank is the
+  expected position ``(optimistic + pessimistic) / 2`` (a float), and R@K is the expected recall, the
+  mean over queries of ``P(rank <= K)`` (see :func:`metrics_from_rank_bounds`). An order-blind model
+  tying a clip with its time-reversed twin thus gets 1/2 of a hit at R@1, not a whole one.
+* ``tie_tol`` (default 0: exact equality) widens a tie to scores within ``tie_tol`` of the ground
+  truth's: two mathematically equal scores computed in a different order (a mean over frames taken
+  in reverse) can differ in the last bits, which would otherwise break the tie at random.
 * R@K is the percentage of queries with rank <= K; MdR is the median rank (the mean of the two middle
   ranks for an even count, as ``numpy.median``); MnR the mean rank.
 * NaN anywhere in a similarity matrix raises :class:`SimilarityError` (a ``ValueError``): NaN
@@ -42,7 +49,7 @@ from vidret.errors import VidretError
 
 logger = logging.getLogger(__name__)
 
-Ties = Literal["optimistic", "pessimistic"]
+Ties = Literal["optimistic", "pessimistic", "expected"]
 METRIC_KEYS: tuple[str, ...] = ("R1", "R5", "R10", "MdR", "MnR")
 _RECALL_KS: tuple[int, ...] = (1, 5, 10)
 # Elements per chunk when chunk_size is not given: a 4 MiB boolean mask per comparison.
@@ -92,9 +99,11 @@ def _check_index(gt: Tensor, n_query: int, n_item: int, device: torch.device, na
     return gt
 
 
-def _check_ties(ties: str) -> None:
-    if ties not in ("optimistic", "pessimistic"):
-        raise SimilarityError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
+def _check_ties(ties: str, tie_tol: float = 0.0) -> None:
+    if ties not in ("optimistic", "pessimistic", "expected"):
+        raise SimilarityError(f"ties must be 'optimistic', 'pessimistic' or 'expected', got {ties!r}")
+    if isinstance(tie_tol, bool) or not isinstance(tie_tol, (int, float)) or not 0 <= tie_tol < math.inf:
+        raise SimilarityError(f"tie_tol must be a finite number >= 0, got {tie_tol!r}")
 
 
 def _rows_per_chunk(n_cols: int, chunk_size: int | None) -> int:
@@ -110,17 +119,30 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float64
 
 
-def _count_ranks(block: Tensor, target: Tensor, ties: Ties) -> tuple[Tensor, Tensor]:
-    """Ranks of ``target`` ([r, 1]) within each row of ``block`` ([r, M]) and a tied-row mask."""
-    greater = (block > target).sum(dim=1)  # items strictly above the ground truth
-    at_least = (block >= target).sum(dim=1)  # the same plus every tie, the ground truth included
-    rank = greater + 1 if ties == "optimistic" else at_least
-    return rank, at_least - greater > 1
+def _count_bounds(block: Tensor, target: Tensor, tie_tol: float) -> tuple[Tensor, Tensor]:
+    """(optimistic, pessimistic) ranks of ``target`` ([r, 1]) within each row of ``block`` ([r, M])."""
+    if tie_tol == 0:
+        greater = (block > target).sum(dim=1)  # items strictly above the ground truth
+        at_least = (block >= target).sum(dim=1)  # the same plus every tie, the ground truth included
+    else:
+        greater = (block > target + tie_tol).sum(dim=1)
+        at_least = (block >= target - tie_tol).sum(dim=1)
+    return greater + 1, at_least
+
+
+def _pick_rank(optimistic: Tensor, pessimistic: Tensor, ties: Ties) -> Tensor:
+    if ties == "optimistic":
+        return optimistic
+    if ties == "pessimistic":
+        return pessimistic
+    return (optimistic + pessimistic).to(torch.float64) / 2  # the expected position under a random tie-break
 
 
 def _log_ties(n_tied: int, n_query: int, ties: Ties) -> None:
     if n_tied:
-        logger.warning(
+        # "expected" already accounts for ties; the other rules pick a side, which deserves a warning
+        logger.log(
+            logging.DEBUG if ties == "expected" else logging.WARNING,
             "%d of %d queries tie their ground-truth score with another item; ranks use ties=%r",
             n_tied,
             n_query,
@@ -136,6 +158,7 @@ def gt_ranks(
     gt: Tensor | None = None,
     *,
     ties: Ties = "optimistic",
+    tie_tol: float = 0.0,
     chunk_size: int | None = None,
 ) -> Tensor:
     """1-indexed rank of each query's ground-truth item, computed in row chunks.
@@ -143,17 +166,47 @@ def gt_ranks(
     Args:
         sim: Scores ``[N_query, N_item]`` (any real dtype, any device; views such as ``sim.T`` are fine).
         gt: ``[N_query]`` ground-truth item index per query; ``None`` means the diagonal.
-        ties: ``"optimistic"``: ``1 + #(strictly greater)``; ``"pessimistic"``: ``#(greater or equal)``.
+        ties: ``"optimistic"``: ``1 + #(strictly greater)``; ``"pessimistic"``: ``#(greater or equal)``;
+            ``"expected"``: their mean, the expected position under a random tie-break (float64).
+        tie_tol: Scores within this distance of the ground truth's count as tied (0: exact ties only).
         chunk_size: Query rows per chunk; ``None`` picks about 4M elements per chunk.
 
     Returns:
-        ``[N_query]`` int64 ranks on ``sim``'s device, each in ``[1, N_item]``.
+        ``[N_query]`` ranks on ``sim``'s device, each in ``[1, N_item]``: int64, or float64 for ``"expected"``.
 
     Raises:
         SimilarityError: NaN scores, a bad shape or an out-of-range ``gt``.
     """
+    _check_ties(ties, tie_tol)
+    optimistic, pessimistic = _rank_bounds(sim, gt, tie_tol, chunk_size)
+    _log_ties(int((pessimistic > optimistic).sum()), sim.shape[0], ties)
+    return _pick_rank(optimistic, pessimistic, ties)
+
+
+def rank_bounds(
+    sim: Tensor, gt: Tensor | None = None, *, tie_tol: float = 0.0, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(optimistic, pessimistic) 1-indexed ranks of each query's ground truth; logs nothing.
+
+    The ground truth wins every tie in the first and loses every tie in the second; they differ exactly for
+    the queries whose ground truth is tied, and under a random tie-break the rank is uniform between them.
+    Feed both to :func:`metrics_from_rank_bounds` for tie-aware (expected) metrics.
+
+    Args:
+        sim: Scores ``[N_query, N_item]``.
+        gt: ``[N_query]`` ground-truth item per query; ``None`` means the diagonal.
+        tie_tol: Scores within this distance of the ground truth's count as tied (0: exact ties only).
+        chunk_size: Query rows per chunk.
+
+    Returns:
+        Two ``[N_query]`` int64 tensors on ``sim``'s device.
+    """
+    _check_ties("optimistic", tie_tol)
+    return _rank_bounds(sim, gt, tie_tol, chunk_size)
+
+
+def _rank_bounds(sim: Tensor, gt: Tensor | None, tie_tol: float, chunk_size: int | None) -> tuple[Tensor, Tensor]:
     _check_sim(sim)
-    _check_ties(ties)
     n_query, n_item = sim.shape
     rows = _rows_per_chunk(n_item, chunk_size)
     if gt is None:
@@ -166,16 +219,15 @@ def gt_ranks(
     else:
         gt_idx = _check_index(gt, n_query, n_item, sim.device, "gt")
         gt_score = sim.gather(1, gt_idx[:, None]).squeeze(1)  # [N_query, 1] -> [N_query]
-    ranks = torch.empty(n_query, dtype=torch.long, device=sim.device)
-    n_tied = 0
+    optimistic = torch.empty(n_query, dtype=torch.long, device=sim.device)
+    pessimistic = torch.empty(n_query, dtype=torch.long, device=sim.device)
     for start in range(0, n_query, rows):
         block = sim[start : start + rows]  # [r, N_item], a view
         _check_no_nan(block, "sim")
-        rank, tied = _count_ranks(block, gt_score[start : start + rows, None], ties)
-        ranks[start : start + rows] = rank
-        n_tied += int(tied.sum())
-    _log_ties(n_tied, n_query, ties)
-    return ranks
+        lo, hi = _count_bounds(block, gt_score[start : start + rows, None], tie_tol)
+        optimistic[start : start + rows] = lo
+        pessimistic[start : start + rows] = hi
+    return optimistic, pessimistic
 
 
 def metrics_from_ranks(ranks: Tensor) -> dict[str, float]:
@@ -202,11 +254,53 @@ def metrics_from_ranks(ranks: Tensor) -> dict[str, float]:
     return out
 
 
+def metrics_from_rank_bounds(optimistic: Tensor, pessimistic: Tensor) -> dict[str, float]:
+    """Tie-aware metrics: the expectation under a uniformly random tie-break.
+
+    A query whose ground truth ties with ``k`` other items has its rank uniform on ``[lo, hi]``
+    (``lo`` = optimistic, ``hi = lo + k`` = pessimistic), so it counts ``P(rank <= K) =
+    clip((K - lo + 1) / (hi - lo + 1), 0, 1)`` towards R@K (exactly the mean over every tie-break order).
+    MdR and MnR are the median and mean of the expected ranks ``(lo + hi) / 2`` (for MnR that is also the
+    expected mean rank). With no ties this equals :func:`metrics_from_ranks`.
+
+    Args:
+        optimistic: ``[N_query]`` 1-indexed ranks with every tie won (as from :func:`rank_bounds`).
+        pessimistic: ``[N_query]`` ranks with every tie lost; ``>= optimistic`` elementwise.
+
+    Returns:
+        ``{"R1", "R5", "R10", "MdR", "MnR", "n_queries", "tied_queries"}``.
+    """
+    if not isinstance(optimistic, Tensor) or not isinstance(pessimistic, Tensor):
+        raise SimilarityError("optimistic and pessimistic must be tensors of ranks")
+    lo = optimistic.detach().to(device="cpu", dtype=torch.float64)
+    hi = pessimistic.detach().to(device="cpu", dtype=torch.float64)
+    if lo.dim() != 1 or lo.numel() == 0 or lo.shape != hi.shape:
+        raise SimilarityError("optimistic and pessimistic must be non-empty 1-D tensors of the same shape")
+    if bool((lo < 1).any()) or bool((hi < lo).any()):
+        raise SimilarityError("ranks are 1-indexed and pessimistic >= optimistic elementwise")
+    n = lo.numel()
+    width = hi - lo + 1
+    out: dict[str, float] = {
+        f"R{k}": 100.0 * float(((k - lo + 1) / width).clamp(0.0, 1.0).sum()) / n for k in _RECALL_KS
+    }
+    mid = metrics_from_ranks((lo + hi) / 2)
+    out["MdR"], out["MnR"], out["n_queries"] = mid["MdR"], mid["MnR"], n
+    out["tied_queries"] = int((hi > lo).sum())
+    return out
+
+
+def _metrics(optimistic: Tensor, pessimistic: Tensor, ties: Ties) -> dict[str, float]:
+    if ties == "expected":
+        return metrics_from_rank_bounds(optimistic, pessimistic)
+    return metrics_from_ranks(_pick_rank(optimistic, pessimistic, ties))
+
+
 def retrieval_metrics(
     sim: Tensor,
     gt: Tensor | None = None,
     *,
     ties: Ties = "optimistic",
+    tie_tol: float = 0.0,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
     """R@1, R@5, R@10 (percent), MdR, MnR (1-indexed ranks) and ``n_queries`` of one direction.
@@ -216,13 +310,18 @@ def retrieval_metrics(
     Args:
         sim: Scores ``[N_query, N_item]``.
         gt: ``[N_query]`` ground-truth item per query; ``None`` means the diagonal (square ``sim``).
-        ties: Tie policy, see :func:`gt_ranks` (default ``"optimistic"``: ``1 + #strictly greater``).
+        ties: Tie policy, see :func:`gt_ranks` (default ``"optimistic"``: ``1 + #strictly greater``);
+            ``"expected"`` gives the expected metrics under a random tie-break (:func:`metrics_from_rank_bounds`).
+        tie_tol: Scores within this distance of the ground truth's count as tied (0: exact ties only).
         chunk_size: Query rows per chunk (memory bound); ``None`` chooses one.
 
     Returns:
-        ``{"R1", "R5", "R10", "MdR", "MnR", "n_queries"}``.
+        ``{"R1", "R5", "R10", "MdR", "MnR", "n_queries"}`` (plus ``"tied_queries"`` for ``"expected"``).
     """
-    return metrics_from_ranks(gt_ranks(sim, gt, ties=ties, chunk_size=chunk_size))
+    _check_ties(ties, tie_tol)
+    optimistic, pessimistic = _rank_bounds(sim, gt, tie_tol, chunk_size)
+    _log_ties(int((pessimistic > optimistic).sum()), sim.shape[0], ties)
+    return _metrics(optimistic, pessimistic, ties)
 
 
 def t2v_metrics(
@@ -230,6 +329,7 @@ def t2v_metrics(
     text_to_video: Tensor,
     *,
     ties: Ties = "optimistic",
+    tie_tol: float = 0.0,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
     """Text-to-video metrics for a multi-caption set: every caption is a query.
@@ -238,9 +338,10 @@ def t2v_metrics(
         sim_text_video: Scores ``[N_text, N_video]``.
         text_to_video: ``[N_text]`` index of the video each caption describes.
         ties: Tie policy, see :func:`gt_ranks`.
+        tie_tol: Scores within this distance of the ground truth's count as tied.
         chunk_size: Caption rows per chunk.
     """
-    return retrieval_metrics(sim_text_video, text_to_video, ties=ties, chunk_size=chunk_size)
+    return retrieval_metrics(sim_text_video, text_to_video, ties=ties, tie_tol=tie_tol, chunk_size=chunk_size)
 
 
 def v2t_multi_ranks(
@@ -248,6 +349,7 @@ def v2t_multi_ranks(
     text_to_video: Tensor,
     *,
     ties: Ties = "optimistic",
+    tie_tol: float = 0.0,
     chunk_size: int | None = None,
 ) -> Tensor:
     """1-indexed video-to-text ranks when each video owns a group of captions.
@@ -260,14 +362,27 @@ def v2t_multi_ranks(
     Args:
         sim_text_video: Scores ``[N_text, N_video]``.
         text_to_video: ``[N_text]`` video index of each caption; every video needs >= 1 caption.
-        ties: Tie policy.
+        ties: Tie policy (``"expected"`` gives float64 expected ranks).
+        tie_tol: Group scores within this distance of the own group's count as tied.
         chunk_size: Query videos per chunk; ``None`` picks about 4M scores per chunk.
 
     Returns:
-        ``[N_video]`` int64 ranks in ``[1, N_video]``.
+        ``[N_video]`` ranks in ``[1, N_video]``: int64, or float64 for ``"expected"``.
     """
+    _check_ties(ties, tie_tol)
+    optimistic, pessimistic = v2t_multi_rank_bounds(
+        sim_text_video, text_to_video, tie_tol=tie_tol, chunk_size=chunk_size
+    )
+    _log_ties(int((pessimistic > optimistic).sum()), sim_text_video.shape[1], ties)
+    return _pick_rank(optimistic, pessimistic, ties)
+
+
+def v2t_multi_rank_bounds(
+    sim_text_video: Tensor, text_to_video: Tensor, *, tie_tol: float = 0.0, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(optimistic, pessimistic) video-to-text ranks of caption groups (see :func:`v2t_multi_ranks`); logs nothing."""
     _check_sim(sim_text_video, "sim_text_video")
-    _check_ties(ties)
+    _check_ties("optimistic", tie_tol)
     n_text, n_video = sim_text_video.shape
     device = sim_text_video.device
     t2v = _check_index(text_to_video, n_text, n_video, device, "text_to_video")
@@ -281,8 +396,8 @@ def v2t_multi_ranks(
     work = sim_text_video.dtype if sim_text_video.is_floating_point() else torch.float64
     rows = _rows_per_chunk(n_text + n_video, chunk_size)  # a chunk holds [r, N_text] and [r, N_video]
     sim_vt = sim_text_video.T  # [N_text, N_video] -> [N_video, N_text], a view
-    ranks = torch.empty(n_video, dtype=torch.long, device=device)
-    n_tied = 0
+    optimistic = torch.empty(n_video, dtype=torch.long, device=device)
+    pessimistic = torch.empty(n_video, dtype=torch.long, device=device)
     for start in range(0, n_video, rows):
         block = sim_vt[start : start + rows]  # [r, N_text]
         _check_no_nan(block, "sim_text_video")
@@ -292,11 +407,10 @@ def v2t_multi_ranks(
         group.scatter_reduce_(1, t2v.expand(r, n_text), block.to(work), reduce="amax", include_self=True)
         own = torch.arange(start, start + r, device=device)
         target = group.gather(1, own[:, None])  # [r, 1]
-        rank, tied = _count_ranks(group, target, ties)
-        ranks[start : start + r] = rank
-        n_tied += int(tied.sum())
-    _log_ties(n_tied, n_video, ties)
-    return ranks
+        lo, hi = _count_bounds(group, target, tie_tol)
+        optimistic[start : start + r] = lo
+        pessimistic[start : start + r] = hi
+    return optimistic, pessimistic
 
 
 def v2t_metrics_multi(
@@ -304,6 +418,7 @@ def v2t_metrics_multi(
     text_to_video: Tensor,
     *,
     ties: Ties = "optimistic",
+    tie_tol: float = 0.0,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
     """Video-to-text metrics for a multi-caption set (MSVD, VATEX); see :func:`v2t_multi_ranks`.
@@ -314,10 +429,14 @@ def v2t_metrics_multi(
     Args:
         sim_text_video: Scores ``[N_text, N_video]`` (text rows, as for T2V).
         text_to_video: ``[N_text]`` video index of each caption.
-        ties: Tie policy.
+        ties: Tie policy (``"expected"``: expected metrics under a random tie-break).
+        tie_tol: Group scores within this distance of the own group's count as tied.
         chunk_size: Query videos per chunk.
     """
-    return metrics_from_ranks(v2t_multi_ranks(sim_text_video, text_to_video, ties=ties, chunk_size=chunk_size))
+    _check_ties(ties, tie_tol)
+    lo, hi = v2t_multi_rank_bounds(sim_text_video, text_to_video, tie_tol=tie_tol, chunk_size=chunk_size)
+    _log_ties(int((hi > lo).sum()), sim_text_video.shape[1], ties)
+    return _metrics(lo, hi, ties)
 
 
 # --------------------------------------------------------------------------- post-processing

@@ -29,6 +29,8 @@ from vidret.heads import VideoFeatures
 from vidret.retrieval.backends import mean_pool
 from vidret.retrieval.index import VideoIndex, check_identity, model_identity
 from vidret.retrieval.index_files import INDEX_FILE, IndexSettings, VideoRecord
+from vidret.retrieval.moments import plan_windows, window_id
+from vidret.retrieval.shards import Sharding, ShardStore, encode_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,12 @@ class IndexReport:
 
     path: str = ""  # the index folder
     total: int = 0  # videos in the source (folder scan or manifest)
-    indexed: int = 0  # rows in the index now
+    indexed: int = 0  # videos in the index now
     added: int = 0  # encoded for the first time
     updated: int = 0  # re-encoded because the file changed
     kept: int = 0  # reused from the previous index (update)
     removed: int = 0  # dropped because they left the source (update)
+    windows: int = 0  # rows of the index with --segment (windows of the indexed videos), else 0
     bad: BadVideoReport = field(default_factory=BadVideoReport)
     seconds: float = 0.0
 
@@ -60,8 +63,9 @@ class IndexReport:
         return d
 
     def summary(self) -> str:
+        windows = f" ({self.windows} windows)" if self.windows else ""
         return (
-            f"{self.indexed} videos indexed in {self.path} ({self.added} added, {self.updated} re-encoded, "
+            f"{self.indexed} videos{windows} indexed in {self.path} ({self.added} added, {self.updated} re-encoded, "
             f"{self.kept} kept, {self.removed} removed, {self.bad.num_bad} bad skipped) in {self.seconds:.1f} s"
         )
 
@@ -179,6 +183,7 @@ def build_index(
     num_workers: int = 0,
     max_bad_fraction: float = 0.25,
     progress: bool = False,
+    sharding: Sharding | None = None,
 ) -> IndexReport:
     """Encode a collection into the index folder ``out``.
 
@@ -196,9 +201,11 @@ def build_index(
         num_workers: DataLoader worker processes decoding videos.
         max_bad_fraction: stop with VidretError when more than this share of the videos is bad.
         progress: show a progress bar.
+        sharding: this process's rank under ``torchrun`` (:mod:`vidret.retrieval.shards`): each rank encodes its
+            share into a shard file, rank 0 assembles the index; None = one process does everything.
 
     Returns:
-        IndexReport (bad videos listed in ``report.bad``).
+        IndexReport (bad videos listed in ``report.bad``); on ranks other than 0 only the planning counts.
     """
     t0 = time.perf_counter()
     if not 0.0 <= max_bad_fraction <= 1.0:
@@ -214,7 +221,7 @@ def build_index(
         check_identity(old.identity, ident, f"the index in {out}")
         if settings is None:
             settings = old.settings
-        enc = ("num_frames", "fps", "max_candidates", "sampling", "image_size", "max_words")
+        enc = ("num_frames", "fps", "max_candidates", "sampling", "image_size", "max_words", "segment", "stride")
         changed = [f for f in enc if getattr(settings, f) != getattr(old.settings, f)]
         if changed:
             raise VidretError(
@@ -240,10 +247,16 @@ def build_index(
     if old is not None and (old.kind == "frames") != text_conditioned:
         raise VidretError(f"the index in {out} is of kind {old.kind!r}, which this model cannot extend; rebuild it")
 
-    # Which videos need encoding; identities read once here.
-    records: dict[str, VideoRecord] = {}
-    todo: list[ManifestEntry] = []
-    kept_rows: dict[str, int] = {}
+    # Which rows need encoding (one per video, or its windows with --segment); identities read once here.
+    segmented = settings.segment > 0
+    old_rows: dict[str, list[int]] = {}  # video id -> its rows in the old index
+    if old is not None:
+        for i, r in enumerate(old.records):
+            old_rows.setdefault(r.group, []).append(i)
+    records: dict[str, VideoRecord] = {}  # row id -> record
+    rows_of: dict[str, list[str]] = {}  # video id -> its row ids, in time order
+    todo: list[ManifestEntry] = []  # rows to encode (row id as video_id, the row's time span)
+    kept_rows: dict[str, int] = {}  # row id -> its row in the old index
     decoder = PyAVDecoder()
     for e in entries:
         try:
@@ -251,50 +264,74 @@ def build_index(
         except BadVideoError as err:
             report.bad.add(e.video_id, e.path, err.reason)
             continue
-        prev = old.record(e.video_id) if old is not None else None
-        if (
-            prev is not None
-            and prev.identity == identity
-            and prev.path == e.path
-            and (prev.start, prev.end) == (e.start, e.end)
-        ):
-            assert old is not None
-            old_row = old.row_of(e.video_id)
-            assert old_row is not None
-            kept_rows[e.video_id] = old_row
-            records[e.video_id] = VideoRecord(
-                prev.video_id, prev.path, prev.real_path, prev.duration, prev.identity, prev.start, prev.end, e.captions
+        prev = [old.records[i] for i in old_rows.get(e.video_id, [])] if old is not None else []
+        if prev and all(p.identity == identity and p.path == e.path for p in prev):
+            spans = [(p.start, p.end) for p in prev]
+            planned = (
+                plan_windows(prev[0].duration or 0.0, settings.segment, settings.stride, e.start, e.end)
+                if segmented
+                else [(e.start, e.end)]
             )
-            continue
+            if spans == planned:
+                for p, i in zip(prev, old_rows[e.video_id]):
+                    kept_rows[p.video_id] = i
+                    records[p.video_id] = p._replace(captions=e.captions)
+                rows_of[e.video_id] = [p.video_id for p in prev]
+                continue
         try:
             duration = decoder.probe(e.path).duration
         except BadVideoError as err:
             report.bad.add(e.video_id, e.path, err.reason)
             continue
-        records[e.video_id] = VideoRecord(
-            e.video_id, e.path, os.path.realpath(e.path), duration, identity, e.start, e.end, e.captions
-        )
-        todo.append(e)
+        real = os.path.realpath(e.path)
+        if segmented:
+            windows = plan_windows(duration, settings.segment, settings.stride, e.start, e.end)
+            if not windows:
+                report.bad.add(e.video_id, e.path, f"no time to index in [{e.start}, {e.end}] of {duration:.2f} s")
+                continue
+            rows = [
+                VideoRecord(window_id(e.video_id, a, b), e.path, real, duration, identity, a, b, e.captions, e.video_id)
+                for a, b in windows
+            ]
+        else:
+            rows = [VideoRecord(e.video_id, e.path, real, duration, identity, e.start, e.end, e.captions)]
+        for r in rows:
+            records[r.video_id] = r
+            todo.append(ManifestEntry(r.video_id, e.path, e.captions, r.start, r.end))
+        rows_of[e.video_id] = [r.video_id for r in rows]
     if old is not None:
-        report.removed = sum(1 for r in old.records if r.video_id not in records)
-    report.kept = len(kept_rows)
+        report.removed = sum(1 for v in old_rows if v not in rows_of)
+    report.kept = sum(1 for rids in rows_of.values() if rids[0] in kept_rows)
     root = _collection_root(list(records.values()), folder_root, old, out)
 
-    new_feats = _encode_entries(
-        model, todo, settings, cache_dir or out / "cache", batch_size, num_workers, report, progress
-    )
+    def encode(part: list[ManifestEntry]) -> tuple[dict[str, tuple[Tensor, Tensor | None]], list]:
+        bad = BadVideoReport()
+        feats = _encode_entries(
+            model, part, settings, cache_dir or out / "cache", batch_size, num_workers, bad, progress, records
+        )
+        return feats, bad.items
+
+    if sharding is not None and sharding.world_size > 1:
+        gathered = encode_sharded(encode, todo, records, ident, settings, out, sharding)
+        if gathered is None:  # not rank 0: its shard is written, rank 0 assembles the index
+            report.seconds = time.perf_counter() - t0
+            return report
+        new_feats, bad_rows = gathered
+    else:
+        new_feats, bad_rows = encode(todo)
+    for vid, path, reason in bad_rows:
+        report.bad.add(vid, path, reason)
     report.bad.check(max_bad_fraction)
     _check_finite(new_feats)
 
     # Assemble rows in source order: kept rows from the old index, new rows from this run.
-    order = [
-        e.video_id for e in entries if e.video_id in records and (e.video_id in kept_rows or e.video_id in new_feats)
-    ]
+    order = [rid for e in entries for rid in rows_of.get(e.video_id, ()) if rid in kept_rows or rid in new_feats]
     if not order:
         raise VidretError(f"none of the {report.total} videos could be indexed; see the bad videos listed above")
     final = [records[v] for v in order]
-    report.added = sum(1 for v in order if v in new_feats and (old is None or old.record(v) is None))
-    report.updated = sum(1 for v in order if v in new_feats and old is not None and old.record(v) is not None)
+    encoded = {records[rid].group for rid in order if rid in new_feats}
+    report.added = sum(1 for v in encoded if v not in old_rows)
+    report.updated = len(encoded) - report.added
 
     def features_of(vid: str) -> tuple[Tensor, Tensor | None]:
         if vid in new_feats:
@@ -307,7 +344,7 @@ def build_index(
         assert old.frames is not None and old.masks is not None
         return old.frames[r], old.masks[r]
 
-    rows = [features_of(v) for v in order]
+    feats_rows = [features_of(v) for v in order]
     if text_conditioned:
         if settings.backend == "faiss":
             logger.warning("text-conditioned head (no single vector per video): exact search, --backend faiss ignored")
@@ -315,17 +352,25 @@ def build_index(
             final,
             ident,
             settings,
-            frames=torch.stack([r[0] for r in rows]),
-            masks=torch.stack([r[1] for r in rows if r[1] is not None]),
+            frames=torch.stack([r[0] for r in feats_rows]),
+            masks=torch.stack([r[1] for r in feats_rows if r[1] is not None]),
             backend_name="exact",
             root=root,
         )
     else:
         index = VideoIndex(
-            final, ident, settings, vectors=torch.stack([r[0] for r in rows]), backend_name=settings.backend, root=root
+            final,
+            ident,
+            settings,
+            vectors=torch.stack([r[0] for r in feats_rows]),
+            backend_name=settings.backend,
+            root=root,
         )
     index.save(out)
-    report.indexed = len(index)
+    if sharding is not None and sharding.world_size > 1:
+        ShardStore(out, sharding.world_size).remove()  # the index holds them now
+    report.indexed = len({r.group for r in final})
+    report.windows = len(index) if segmented else 0
     report.seconds = time.perf_counter() - t0
     (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
     return report
@@ -339,10 +384,14 @@ def _encode_entries(
     cache_dir: str | os.PathLike[str],
     batch_size: int,
     num_workers: int,
-    report: IndexReport,
+    bad: BadVideoReport,
     progress: bool = False,
+    records: dict[str, VideoRecord] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """video_id -> (pooled [E], None) or (frames [T, E], mask [T]) for the entries that decode."""
+    """row id -> (pooled [E], None) or (frames [T, E], mask [T]) for the entries that decode.
+
+    A window that does not decode is reported under its video's id (``records`` maps rows to videos).
+    """
     if not entries:
         return {}
     from tqdm.auto import tqdm
@@ -363,7 +412,9 @@ def _encode_entries(
     device = _model_device(model)
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
     for batch in tqdm(loader, disable=not (progress and report_progress()), desc="index", unit="batch"):
-        report.bad.update(batch)
+        for vid, path, reason in batch.get("bad_reasons", []):
+            rec = records.get(vid) if records else None
+            bad.add(rec.group if rec is not None else vid, path, reason)
         if batch["frames"].shape[0] == 0:
             continue
         v = model.encode_video(batch["frames"].to(device), batch["frame_mask"].to(device))

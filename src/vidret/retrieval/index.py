@@ -3,13 +3,15 @@
 An index folder holds::
 
     index.json           format version, kind, backend, settings, model identity, collection root, checksums
-    videos-<h>.jsonl     one line per row: video_id, path, real_path, duration, file identity, captions
+    videos-<h>.jsonl     one line per row: video_id, path, real_path, duration, file identity, start, end,
+                         captions, and ``parent`` for the windows of ``index --segment`` (id "<parent>#<start>-<end>")
                          (``videos.jsonl`` in indexes written before it was content-named; still read)
     features-<h>.npy     pooled:  [N, E] L2-normalised video vectors (float16 or float32)
                          frames:  [N, T, E] per-frame embeddings (text-conditioned heads)
     masks-<h>.npy        frames kind only: [N, T] bool, True = real frame
     faiss-<h>.index      FAISS IVF-Flat index over the pooled vectors (backend "faiss")
     cache/               the frame cache used to build it (default location)
+    shards/              only while a ``torchrun`` build runs (:mod:`vidret.retrieval.shards`)
 
 Two kinds: ``pooled`` when the model's head is text-independent (meanP, seqTransf: one vector per video,
 searched by inner product) and ``frames`` when it is text-conditioned (Cross-Modal Adapter: the video vector
@@ -33,7 +35,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -62,6 +64,7 @@ from vidret.retrieval.index_files import (
     read_npy,
     read_records,
 )
+from vidret.retrieval.moments import grouped_topk
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,8 @@ class VideoIndex:
     _backend: SearchBackend | None = field(default=None, repr=False)
     _pooled_for_video: ExactIndex | None = field(default=None, repr=False)
     _rows: dict[str, int] | None = field(default=None, repr=False)
+    _groups: list[str] | None = field(default=None, repr=False)
+    _group_rows: dict[str, list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.records)
@@ -194,6 +199,42 @@ class VideoIndex:
         if self._rows is None:
             self._rows = {r.video_id: i for i, r in enumerate(self.records)}
         return self._rows.get(video_id)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether rows are windows of videos (``vidret index --segment``), grouped per video in results."""
+        return self.settings.segment > 0
+
+    def group_keys(self) -> list[str]:
+        """Row -> the video it belongs to (a window's parent; a whole video's own id)."""
+        if self._groups is None:
+            self._groups = [r.group for r in self.records]
+        return self._groups
+
+    def top_hits(
+        self, search: Callable[[int], tuple[Tensor, Tensor]], ks: Sequence[int], groups: Sequence[str]
+    ) -> list[list[tuple[int, float]]]:
+        """Hits per query, [(row, score), ...] best first, from ``search(n)`` (scores, rows [Q, n']).
+
+        ``groups[q] == "video"`` keeps the best window of each video (windowed indexes; whole-video rows are
+        their own group), ``"segment"`` every window.
+        """
+        per_video = [self.segmented and g == "video" for g in groups]
+        return grouped_topk(search, self.group_keys(), ks, per_video)
+
+    def rows_of_video(self, video_id: str) -> list[int]:
+        """The rows ``video_id`` stands for: its own row, else every window of that video; [] when unknown."""
+        row = self.row_of(video_id)
+        if row is not None:
+            return [row]
+        if not self.segmented:
+            return []
+        if self._group_rows is None:
+            groups: dict[str, list[int]] = {}
+            for i, g in enumerate(self.group_keys()):
+                groups.setdefault(g, []).append(i)
+            self._group_rows = groups
+        return list(self._group_rows.get(video_id, ()))
 
     def record(self, video_id: str) -> VideoRecord | None:
         row = self.row_of(video_id)
@@ -433,10 +474,12 @@ class VideoIndex:
         idx.folder = str(root)
         if chosen == "faiss":
             if "faiss" in m.files and faiss_available():
-                fi = FaissIndex.load(path_of("faiss"), nprobe or m.settings.nprobe)
+                fi = FaissIndex.load(path_of("faiss"), m.settings.nprobe if nprobe is None else nprobe)
                 fi.check(n, e, where)
                 idx.backend_name = "faiss"
                 idx._backend = fi
+                if nprobe is not None:  # 0: the size rule, also for indexes that recorded a value
+                    idx.settings = IndexSettings.from_dict({**asdict(idx.settings), "nprobe": nprobe})
             else:
                 idx.use_backend("faiss", nprobe)  # builds it (or says how to install FAISS)
         elif nprobe is not None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from vidret.data.sampling import FRAME_RULES, FrameRule, SamplingConfig
 from vidret.errors import VidretError
+from vidret.retrieval.moments import check_windowing
 
 INDEX_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -55,6 +56,14 @@ class VideoRecord(NamedTuple):
     start: float | None = None  # segment start (manifest entries), None = from the start
     end: float | None = None  # segment end, None = to the end
     captions: tuple[str, ...] = ()  # manifest captions, shown by the web page
+    # the video a window row belongs to (``index --segment``); "" = the row is a whole video (or manifest
+    # segment). Indexes written before windows existed have no such field: every row a whole video.
+    parent: str = ""
+
+    @property
+    def group(self) -> str:
+        """The video this row stands for in grouped results: its parent video, else itself."""
+        return self.parent or self.video_id
 
     def to_json(self) -> str:
         # Built by hand: dataclasses.asdict deep-copies and dominated writing million-row indexes.
@@ -68,6 +77,8 @@ class VideoRecord(NamedTuple):
             "end": self.end,
             "captions": list(self.captions),
         }
+        if self.parent:
+            d["parent"] = self.parent
         return json.dumps(d, ensure_ascii=False)
 
     @classmethod
@@ -92,6 +103,11 @@ class VideoRecord(NamedTuple):
                 raise ValueError(f"video {vid!r}: duration, start and end must be finite numbers or null, got {v!r}")
         if type(captions) is not list or not all(type(c) is str for c in captions):
             raise ValueError(f"video {vid!r}: captions must be a list of strings")
+        parent = g("parent", "")
+        if type(parent) is not str:
+            raise ValueError(f"video {vid!r}: parent must be a string, got {parent!r}")
+        if parent and (start is None or end is None or not end > start or start < 0):
+            raise ValueError(f"window {vid!r} of {parent!r} needs 0 <= start < end, got start {start!r}, end {end!r}")
         return cls(
             vid,
             path,
@@ -101,6 +117,7 @@ class VideoRecord(NamedTuple):
             None if start is None else float(start),
             None if end is None else float(end),
             tuple(captions),
+            parent,
         )
 
 
@@ -176,11 +193,18 @@ class IndexSettings:
     sampling: FrameRule = "segment_centre"
     dtype: StorageDtype = "float16"  # storage dtype of the feature file (search always runs in float32)
     backend: Backend = "exact"  # default search backend when the index is loaded
-    nlist: int = 0  # FAISS IVF lists; 0 = chosen from the collection size (~sqrt(N))
-    nprobe: int = 16  # FAISS lists visited per query: the recall-vs-speed knob
+    # FAISS IVF lists; 0 = chosen from the collection size (backends.default_nlist: 4 sqrt(N), at most 1024)
+    nlist: int = 0
+    # FAISS lists visited per query, the recall-vs-speed knob; 0 = chosen from the size and nlist for recall@10
+    # >= 0.95 on clustered vectors (backends.default_nprobe). Indexes written before recorded 16 (kept).
+    nprobe: int = 0
+    # moments (``index --segment``): window length in seconds, 0 = one row per video (indexes written before
+    # windows existed); and seconds between window starts, in (0, segment]
+    segment: float = 0.0
+    stride: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("num_frames", "max_candidates", "image_size", "max_words", "nprobe"):
+        for name in ("num_frames", "max_candidates", "image_size", "max_words"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise VidretError(f"index setting {name} must be an int >= 1, got {v!r}")
@@ -195,8 +219,11 @@ class IndexSettings:
             raise VidretError(f"index dtype must be 'float16' or 'float32', got {self.dtype!r}")
         if self.backend not in ("exact", "faiss"):
             raise VidretError(f"index backend must be 'exact' or 'faiss', got {self.backend!r}")
-        if isinstance(self.nlist, bool) or not isinstance(self.nlist, int) or self.nlist < 0:
-            raise VidretError(f"nlist must be an int >= 0 (0 = automatic), got {self.nlist!r}")
+        for name in ("nlist", "nprobe"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise VidretError(f"{name} must be an int >= 0 (0 = chosen from the collection size), got {v!r}")
+        check_windowing(self.segment, self.stride)
 
     def frame_sampling(self) -> SamplingConfig:
         """How every video of the index (and a ``search --video`` query) is sampled."""

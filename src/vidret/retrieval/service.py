@@ -2,10 +2,11 @@
 
 Routes (OpenAPI schema at ``/openapi.json``, a self-contained reference page at ``/docs``)::
 
-    GET  /search?q=TEXT&k=10&index=NAME     text -> videos
-    POST /search {"query": TEXT, "k": 10, "index": NAME}
+    GET  /search?q=TEXT&k=10&index=NAME&group=video   text -> videos (or their windows: start/end per hit)
+    POST /search {"query": TEXT, "k": 10, "index": NAME, "group": "video"}
     GET  /videos/{index}/{video_id}          the video file (one HTTP byte range supported)
     GET  /thumbnails/{index}/{video_id}?n=4  a JPEG strip of n frames
+    GET  /captions?index=NAME&video_id=ID&k=10  video -> text: the best captions of ``serve --captions BANK``
     GET  /indexes, /health, /                the collections, liveness, the web page
 
 Input rules (every violation is a 4xx with a JSON body ``{"error": ..., "detail": ...}``, never a 500):
@@ -43,6 +44,7 @@ adapter and searches each index once per batch.
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -60,6 +62,7 @@ from typing import Any
 import torch
 
 from vidret.errors import VidretError
+from vidret.retrieval.captions import CaptionBank
 from vidret.retrieval.http import (
     BODY_TIMEOUT_S,
     LOCAL_HOSTS,
@@ -74,6 +77,7 @@ from vidret.retrieval.http import (
 )
 from vidret.retrieval.index import VideoIndex
 from vidret.retrieval.media import MediaFile, ThumbnailCache, open_recorded, thumbnail_strip
+from vidret.retrieval.query import TextCache
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,12 @@ def validate_query(text: Any) -> str:
     return stripped
 
 
+def validate_group(group: Any) -> str:
+    if group not in ("video", "segment"):
+        raise ApiError(422, "group must be 'video' (best window per video) or 'segment' (every window)")
+    return str(group)
+
+
 def validate_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ApiError(422, f"k must be an integer from 1 to {MAX_K}")
@@ -138,8 +148,9 @@ class Collection:
             "backbone": ident.backbone_name,
             "num_frames": self.index.settings.num_frames,
         }
-        if backend == "faiss":
-            d["nprobe"] = self.index.settings.nprobe
+        if backend == "faiss":  # the effective settings (0 in the index settings: chosen from the size)
+            d["nprobe"] = getattr(self.index.backend, "nprobe", self.index.settings.nprobe)
+            d["nlist"] = getattr(self.index.backend, "nlist", self.index.settings.nlist)
         return d
 
 
@@ -148,6 +159,7 @@ class _Job:
     collection: Collection
     text: str
     k: int
+    group: str = "video"  # windowed indexes: "video" = the best window per video, "segment" = every window
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -216,10 +228,18 @@ class SearchService:
         max_batch: most queries encoded and searched together.
         media_roots: the folders media routes may serve from, for every collection (``serve --media-root``);
             empty: each index's recorded collection root.
+        text_cache_size: query embeddings kept (LRU) per service; 0 turns the cache off.
+        captions: a caption bank for ``/captions`` (video -> text), encoded here once per adapter.
     """
 
     def __init__(
-        self, bank: Any, collections: Sequence[Collection], max_batch: int = 64, media_roots: Sequence[str] = ()
+        self,
+        bank: Any,
+        collections: Sequence[Collection],
+        max_batch: int = 64,
+        media_roots: Sequence[str] = (),
+        text_cache_size: int = 1024,
+        captions: CaptionBank | None = None,
     ) -> None:
         if not collections:
             raise VidretError("serve at least one index")
@@ -244,8 +264,14 @@ class SearchService:
             real = os.path.realpath(recorded) if recorded and os.path.isabs(recorded) else ""
             is_fs_root = os.path.dirname(real) == real  # a crafted index recording "/" widens nothing
             self._roots[c.name] = given or ((real,) if real and not is_fs_root else ())
+        self.text_cache = TextCache(text_cache_size)  # query sentence -> embedding, per adapter
         self.batcher = QueryBatcher(self._run_batch, max_batch)
         self.thumbnails = ThumbnailCache()
+        self.captions = captions
+        if captions is not None:
+            for c in self.collections.values():
+                with bank.lock:
+                    captions.encode(self._text_key(c), bank.use(c.adapter), c.index.settings.max_words)
         self.started = time.time()
 
     def collection(self, name: str | None) -> Collection:
@@ -257,19 +283,19 @@ class SearchService:
 
     # -------------------------------------------------------------------------------------- search
 
-    def submit(self, collection: Collection, text: str, k: int) -> concurrent.futures.Future:
+    def submit(self, collection: Collection, text: str, k: int, group: str = "video") -> concurrent.futures.Future:
         """Queue a text query; the future yields [(row, score), ...] best first."""
-        return self.batcher.submit(_Job(collection, text, k))
+        return self.batcher.submit(_Job(collection, text, k, validate_group(group)))
 
-    def search(self, text: str, k: int = 10, index: str | None = None) -> list[dict[str, Any]]:
+    def search(self, text: str, k: int = 10, index: str | None = None, group: str = "video") -> list[dict[str, Any]]:
         """Blocking text search (validated like the HTTP API); returns result dicts."""
         c = self.collection(index)
-        hits = self.submit(c, validate_query(text), validate_k(k)).result(timeout=SEARCH_TIMEOUT_S)
+        hits = self.submit(c, validate_query(text), validate_k(k), group).result(timeout=SEARCH_TIMEOUT_S)
         return self.results(c, hits)
 
     @torch.no_grad()
     def _run_batch(self, jobs: list[_Job]) -> None:
-        from vidret.backbone.tokenizer import tokenize
+        from vidret.retrieval.query import encode_texts
 
         groups: dict[str, list[_Job]] = {}
         for j in jobs:
@@ -277,22 +303,44 @@ class SearchService:
         for group in groups.values():
             try:
                 c = group[0].collection
-                tokens = tokenize([j.text for j in group], context_length=c.index.settings.max_words, truncate=True)
+                key = self._text_key(c)
                 with self.bank.lock:
                     model = self.bank.use(c.adapter)
-                    device = next(model.parameters()).device
-                    text = model.encode_text(tokens.to(device))
+                    # repeated queries (the same sentence, paging, a page reload) skip the text tower
+                    text = encode_texts(
+                        model, [j.text for j in group], c.index.settings.max_words, self.text_cache, key
+                    )
+                    ks, modes = [j.k for j in group], [j.group for j in group]
                     if c.index.kind == "frames":  # the head runs per query: keep the adapter active
-                        scores, rows = c.index.search_text(model, text, max(j.k for j in group))
+                        device = next(model.clip.text.parameters()).device
+                        q = text.to(device)
+                        hits = c.index.top_hits(functools.partial(c.index.search_text, model, q), ks, modes)
                 if c.index.kind == "pooled":
-                    scores, rows = c.index.search_text(None, text, max(j.k for j in group))
+                    hits = c.index.top_hits(functools.partial(c.index.search_text, None, text), ks, modes)
             except Exception as e:  # noqa: BLE001 - one bad group must not fail the others
                 for j in group:
                     j.future.set_exception(e)
                 continue
-            s, r = scores.tolist(), rows.tolist()
-            for qi, j in enumerate(group):
-                j.future.set_result([(row, sc) for row, sc in zip(r[qi][: j.k], s[qi][: j.k]) if row >= 0])
+            for j, h in zip(group, hits):
+                j.future.set_result(h)
+
+    @staticmethod
+    def _text_key(c: Collection) -> str:
+        return f"{c.adapter}/{c.index.settings.max_words}"
+
+    def describe(self, index: str | None, video_id: Any, k: Any) -> dict[str, Any]:
+        """Video -> text: the ``k`` captions of the bank that best describe an indexed video (or window).
+
+        Raises:
+            ApiError: 404 no caption bank served, unknown index or video id; 422 bad ``k`` or id.
+        """
+        c = self.collection(index)
+        if not isinstance(video_id, str) or not video_id or len(video_id) > MAX_QUERY_CHARS:
+            raise ApiError(422, f"video_id must be a non-empty string of at most {MAX_QUERY_CHARS} characters")
+        k = validate_k(k)
+        if self.captions is None:
+            raise ApiError(404, "no caption bank is served; start `vidret serve` with --captions BANK")
+        return self.captions.describe(c.name, c.index, self._text_key(c), video_id, k, self.bank, c.adapter)
 
     def results(self, c: Collection, hits: list[tuple[int, float]]) -> list[dict[str, Any]]:
         out = []
@@ -305,6 +353,11 @@ class SearchService:
                 "score": round(float(score), 6) if math.isfinite(score) else None,
                 "duration": rec.duration,
             }
+            if rec.start is not None or rec.end is not None:  # a window (or a manifest segment), in seconds
+                item["start"] = rec.start
+                item["end"] = rec.end
+            if rec.parent:
+                item["parent"] = rec.parent
             if rec.path:
                 item["video_url"] = f"/videos/{c.name}/{quoted}"
                 item["thumbnail_url"] = f"/thumbnails/{c.name}/{quoted}"
@@ -407,12 +460,16 @@ def create_app(
         query: str = Field(..., description=f"the sentence to search for (1 to {MAX_QUERY_CHARS} characters)")
         k: int = Field(10, description=f"results wanted, 1 to {MAX_K}; clamped to the index size")
         index: str | None = Field(None, description="collection name (default: the first served)")
+        group: str = Field("video", description="windowed indexes: 'video' (best window per video) or 'segment'")
 
     class SearchHit(BaseModel):
         rank: int
         video_id: str
         score: float | None = Field(None, description="cosine similarity (text-conditioned heads: logit / scale)")
         duration: float | None = None
+        start: float | None = Field(None, description="the matching window's start in seconds (windowed indexes)")
+        end: float | None = Field(None, description="the matching window's end in seconds")
+        parent: str | None = Field(None, description="the video a window belongs to")
         video_url: str | None = None
         thumbnail_url: str | None = None
         captions: list[str] | None = None
@@ -499,12 +556,12 @@ def create_app(
         logger.exception("internal error on %s", request.url.path)
         return JSONResponse({"error": "internal", "detail": "internal server error"}, status_code=500)
 
-    async def run_search(text: Any, k: Any, index: Any) -> dict[str, Any]:
+    async def run_search(text: Any, k: Any, index: Any, group: Any = "video") -> dict[str, Any]:
         t0 = time.perf_counter()
         c = service.collection(index)
         query = validate_query(text)
         k = validate_k(k)
-        fut = service.submit(c, query, k)
+        fut = service.submit(c, query, k, validate_group(group))
         try:
             hits = await asyncio.wait_for(asyncio.wrap_future(fut), SEARCH_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -523,15 +580,42 @@ def create_app(
         q: str = Query(..., description=f"the sentence to search for (1 to {MAX_QUERY_CHARS} characters)"),
         k: int = Query(10, description=f"results wanted, 1 to {MAX_K}; clamped to the index size"),
         index: str | None = Query(None, description="collection name (default: the first served)"),
+        group: str = Query("video", description="windowed indexes: 'video' (best window per video) or 'segment'"),
     ) -> Any:
         """Search a collection by sentence."""
         params = strict_query_params(request.scope)  # FastAPI replaced invalid UTF-8; re-read strictly
-        return await run_search(params.get("q", q), k, index)
+        return await run_search(params.get("q", q), k, index, group)
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True, responses=errors)
     async def search_post(body: SearchBody) -> Any:
         """Search a collection by sentence (JSON body)."""
-        return await run_search(body.query, body.k, body.index)
+        return await run_search(body.query, body.k, body.index, body.group)
+
+    class CaptionHit(BaseModel):
+        rank: int
+        caption: str
+        caption_id: int = Field(..., description="the caption's position in the bank (0 = first caption)")
+        score: float | None = Field(None, description="cosine similarity (text-conditioned heads: logit / scale)")
+        start: float | None = Field(None, description="windowed indexes: the best-matching window's start (s)")
+        end: float | None = None
+
+    class CaptionsResponse(BaseModel):
+        index: str
+        video_id: str
+        k: int = Field(..., description="results returned at most: min(k asked, bank size)")
+        took_ms: float
+        results: list[CaptionHit]
+
+    @app.get("/captions", response_model=CaptionsResponse, response_model_exclude_none=True, responses=errors)
+    def captions(
+        request: Request,
+        video_id: str = Query(..., description="an indexed video (or one window of it)"),
+        k: int = Query(10, description=f"captions wanted, 1 to {MAX_K}; clamped to the bank size"),
+        index: str | None = Query(None, description="collection name (default: the first served)"),
+    ) -> Any:
+        """Video -> text: the captions of the served bank (``serve --captions``) that best describe a video."""
+        params = strict_query_params(request.scope)
+        return service.describe(index, params.get("video_id", video_id), k)
 
     @app.get("/indexes")
     async def indexes() -> Any:
@@ -629,11 +713,12 @@ def open_service(
     backend: str | None = None,
     nprobe: int | None = None,
     media_roots: Sequence[str] = (),
+    captions: str | None = None,
 ) -> SearchService:
     """Load indexes and their adapters over ONE backbone (refusing indexes built on different backbones).
 
     ``media_roots`` (``serve --media-root``) replaces the collection folders recorded in the indexes as the only
-    folders media routes serve from.
+    folders media routes serve from. ``captions`` (``serve --captions``): a caption bank file for ``/captions``.
     """
     from vidret.adapters.base import backbone_state_dict
     from vidret.adapters.io import read_adapter
@@ -676,7 +761,18 @@ def open_service(
         with bank.lock:
             idx.check_model(bank.use(adapter), where=f"index {name} ({folder})", adapter_path=ap)
         collections.append(Collection(name, idx, adapter, str(folder)))
-    service = SearchService(bank, collections, media_roots=media_roots)
+    # queries never run the vision tower (stored vectors / per-frame features): release its frozen weights
+    from vidret.adapters.base import backbone_named_parameters
+    from vidret.retrieval.query import drop_vision
+
+    params = dict(backbone_named_parameters(clip))
+    keep = {id(params[k]) for k in bank._pristine} | {
+        id(p) for m in bank.models.values() for _, p in m.trainable_named_parameters()
+    }
+    for m in bank.models.values():
+        drop_vision(m, keep)
+    bank_of_captions = CaptionBank.read(captions) if captions else None
+    service = SearchService(bank, collections, media_roots=media_roots, captions=bank_of_captions)
     service.warm_up()
     return service
 

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -495,13 +496,31 @@ def _fault_injection_step() -> int:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``cfg.method`` on ``cfg.data.train_manifest``; returns where everything was written."""
+    """Train ``cfg.method`` on ``cfg.data.train_manifest``; returns where everything was written.
+
+    ``out_dir`` is created only once the inputs have been read and the model built; a run that still fails before
+    its first checkpoint removes the folders it created (nothing there could be resumed), so no half-made run is
+    left behind. A folder that existed before is never removed.
+    """
+    out_dir = Path(cfg.out_dir).absolute()
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    try:
+        return _train(cfg, resume, progress)
+    except BaseException:
+        if created and int(os.environ.get("RANK", "0")) == 0 and not (out_dir / CHECKPOINT).exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+            for parent in created[1:]:  # empty parents this run made; another run's files stop the walk
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+        raise
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
     device = resolve_device(cfg.device)
     info = D.init_from_env(device.type)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CHECKPOINT
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         if not resume and ckpt_path.exists():
             raise VidretError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another out_dir")
         if not resume and (out_dir / LEGACY_CHECKPOINT).exists():
@@ -509,7 +528,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 f"{out_dir / LEGACY_CHECKPOINT} holds a run of an earlier vidret version: choose another out_dir, "
                 "or delete that file to train into this one"
             )
-        save_config(cfg, out_dir / "config.yaml")
 
     # --- data: read everything that can fail before building the model
     if not cfg.data.train_manifest:
@@ -566,6 +584,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         log.info(
             "resumed from %s at step %d (epoch %d, step %d in epoch)", ckpt_path, pos.step, pos.epoch, pos.step_in_epoch
         )
+    if info.is_main:  # the first write of this run: everything that can fail on the inputs has been read
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     metrics = _MetricsLog(out_dir, info.is_main)
     if info.is_main:
         log.info(

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vidret.errors import VidretError
 from vidret.train.config import DecayRule, OptimConfig, Schedule
 
 GROUP_NAMES = ("decay", "no_decay", "backbone")
@@ -125,7 +126,10 @@ class BertAdam(torch.optim.Optimizer):
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(named, cfg)
     if not groups:
-        raise ValueError("nothing to train: the method declares no trainable parameters")
+        raise VidretError(
+            "nothing to train: the method declares no trainable parameters (frozen is zero-shot: save its adapter "
+            "with vidret.save_adapter(vidret.build_model(clip, 'frozen'), DIR), then vidret eval --adapter DIR)"
+        )
     for g in groups:
         g["initial_lr"] = g["lr"]
     if cfg.name == "bert_adam":

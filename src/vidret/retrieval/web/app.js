@@ -56,7 +56,8 @@ function card(hit) {
   const score = document.createElement("span");
   score.className = "score";
   const dur = hit.duration != null ? ` · ${hit.duration.toFixed(1)} s` : "";
-  score.textContent = `${hit.score != null ? hit.score.toFixed(3) : "-"}${dur}`;
+  const span = hasSpan(hit) ? ` · ${spanText(hit)}` : "";
+  score.textContent = `${hit.score != null ? hit.score.toFixed(3) : "-"}${span}${dur}`;
   meta.append(name, score);
   li.appendChild(meta);
   if (hit.captions && hit.captions.length) {
@@ -71,10 +72,29 @@ function card(hit) {
   return li;
 }
 
+// Windowed indexes (vidret index --segment) and manifest segments give each hit its time range.
+function hasSpan(hit) {
+  return hit.start != null || hit.end != null;
+}
+
+function spanText(hit) {
+  const a = hit.start != null ? hit.start.toFixed(1) : "0";
+  const b = hit.end != null ? hit.end.toFixed(1) : "end";
+  return `${a}–${b} s`;
+}
+
+// The media fragment (#t=start,end) makes the browser start at the window and stop at its end.
+function mediaUrl(hit) {
+  if (!hasSpan(hit)) return hit.video_url;
+  const a = hit.start != null ? hit.start : 0;
+  return hit.end != null ? `${hit.video_url}#t=${a},${hit.end}` : `${hit.video_url}#t=${a}`;
+}
+
 function play(hit) {
   if (!hit.video_url) return;
-  video.src = hit.video_url;
-  playerTitle.textContent = `${hit.video_id} (score ${hit.score != null ? hit.score.toFixed(3) : "-"})`;
+  video.src = mediaUrl(hit);
+  const where = hasSpan(hit) ? `${hit.parent || hit.video_id}, ${spanText(hit)}` : hit.video_id;
+  playerTitle.textContent = `${where} (score ${hit.score != null ? hit.score.toFixed(3) : "-"})`;
   player.hidden = false;
   video.play().catch(() => {});
 }
