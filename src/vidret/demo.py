@@ -69,7 +69,7 @@ class DemoConfig:
     backbone: str = "pocket-small"  # pretrained name (shipped with the package) or a checkpoint path
     train_epochs: int = 3  # 3 x 62 = 186 optimiser steps on the default world
     global_batch: int = 32
-    max_words: int = 48  # every pocket caption fits (pocket.CAPTION_TOKENS)
+    max_words: int = 48  # every pocket caption fits (pocket_scenes.CAPTION_TOKENS)
     num_workers: int = 0  # frames come from the frame cache: reading them in-process beats worker start-up
     extra: dict[str, Any] = field(default_factory=dict)
 

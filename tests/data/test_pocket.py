@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from vidret.data import pocket as P
+from vidret.data import pocket_scenes as S
 from vidret.data.manifest import read_manifest
 from vidret.data.pocket import (
     PocketConfig,
@@ -106,13 +107,13 @@ def test_twin_captions_describe_the_reversed_events(world: Path) -> None:
     for line in (world / "test_events.jsonl").read_text().splitlines():
         rec = json.loads(line)
         events[rec["video_id"]] = rec
-    opposite = {**P._OPPOSITE, "recolour": "recolour", "move": "move"}
+    opposite = {**S._OPPOSITE, "recolour": "recolour", "move": "move"}
     for fwd, rev in load_reversal_pairs(world):
         f, r = events[fwd]["events"], events[rev]["events"]
         assert events[rev]["reversed_of"] == fwd
         assert [e["kind"] for e in r] == [opposite[e["kind"]] for e in reversed(f)]
         assert [e["arg"] for e in r if e["kind"] == "move"] == [
-            P._OPPOSITE[e["arg"]] for e in reversed(f) if e["kind"] == "move"
+            S._OPPOSITE[e["arg"]] for e in reversed(f) if e["kind"] == "move"
         ]
 
 
@@ -122,7 +123,7 @@ def test_captions_name_the_events(world: Path) -> None:
         for line in (world / f"{split}_events.jsonl").read_text().splitlines():
             rec = json.loads(line)
             for ev in rec["events"]:
-                words = P._MOVE_WORDS[ev["arg"]] if ev["kind"] == "move" else P._EVENT_WORDS[ev["kind"]]
+                words = S._MOVE_WORDS[ev["arg"]] if ev["kind"] == "move" else S._EVENT_WORDS[ev["kind"]]
                 stems = [w.split(" {")[0] for w in words]  # "turns {c}" -> "turns"
                 for cap in captions[rec["video_id"]]:
                     assert any(s in cap for s in stems), (cap, ev)
@@ -154,10 +155,10 @@ def test_pretrain_set(world: Path) -> None:
         assert 1 <= len(rec["objects"]) <= 2
         for obj in rec["objects"]:
             # the named colour is really drawn: some pixel is close to it
-            dist = np.abs(img.astype(int) - np.array(P._COLOURS[obj["colour"]])).sum(-1)
+            dist = np.abs(img.astype(int) - np.array(S._COLOURS[obj["colour"]])).sum(-1)
             assert dist.min() < 30, rec
-            assert any(w in rec["caption"] for w in P._COLOUR_WORDS[obj["colour"]])
-            assert any(w in rec["caption"] for w in P._SHAPE_WORDS[obj["shape"]])
+            assert any(w in rec["caption"] for w in S._COLOUR_WORDS[obj["colour"]])
+            assert any(w in rec["caption"] for w in S._SHAPE_WORDS[obj["shape"]])
 
 
 def test_probe_clips_are_static(world: Path) -> None:
@@ -212,7 +213,7 @@ def test_config_validation_and_round_trip() -> None:
 
 
 def _centroid(frame: np.ndarray, colour: str) -> tuple[float, float] | None:
-    mask = np.abs(frame.astype(int) - np.array(P._COLOURS[colour])).sum(-1) < 40
+    mask = np.abs(frame.astype(int) - np.array(S._COLOURS[colour])).sum(-1) < 40
     if not mask.any():
         return None
     ys, xs = np.nonzero(mask)
@@ -221,32 +222,32 @@ def _centroid(frame: np.ndarray, colour: str) -> tuple[float, float] | None:
 
 def test_events_are_visible_at_64px() -> None:
     cfg = TINY
-    red = P._Obj("circle", "red", 10.0, True, x=14.0, y=20.0)
-    blue = P._Obj("square", "blue", 18.0, False, x=44.0, y=46.0)
-    events = [P._Event(0, "move", "right", 22.0), P._Event(1, "appear")]
-    frames = P._render_clip([red, blue], events, 20, cfg)
+    red = S.Obj("circle", "red", 10.0, True, x=14.0, y=20.0)
+    blue = S.Obj("square", "blue", 18.0, False, x=44.0, y=46.0)
+    events = [S.Event(0, "move", "right", 22.0), S.Event(1, "appear")]
+    frames = S.render_clip([red, blue], events, 20, cfg)
     assert frames.shape == (cfg.frames, 64, 64, 3)
     start, end = _centroid(frames[0], "red"), _centroid(frames[-1], "red")
     assert start is not None and end is not None
     assert end[0] - start[0] > 15 and abs(end[1] - start[1]) < 1  # moved right, only right
     assert _centroid(frames[0], "blue") is None and _centroid(frames[-1], "blue") is not None
     # the object is drawn at the promised size
-    grown = P._render_clip([red], [P._Event(0, "grow")], 20, cfg)
-    area = [(np.abs(f.astype(int) - np.array(P._COLOURS["red"])).sum(-1) < 40).sum() for f in grown]
+    grown = S.render_clip([red], [S.Event(0, "grow")], 20, cfg)
+    area = [(np.abs(f.astype(int) - np.array(S._COLOURS["red"])).sum(-1) < 40).sum() for f in grown]
     assert area[0] < area[-1] and 50 < area[0] < 120 and area[-1] > 200
 
 
 def test_reversal_is_an_involution_and_renders_backwards() -> None:
     rng = np.random.default_rng(0)
     for _ in range(50):
-        objs, events = P._sample_scene(rng, TINY)
-        r_objs, r_events = P._reverse(objs, events, 64)
-        again = P._reverse(r_objs, r_events, 64)
-        assert [P._symbolic(e) for e in again[1]] == [P._symbolic(e) for e in events]
-        assert [P._symbolic(e) for e in r_events] != [P._symbolic(e) for e in events]
+        objs, events = S.sample_scene(rng, TINY)
+        r_objs, r_events = S.reverse_scene(objs, events, 64)
+        again = S.reverse_scene(r_objs, r_events, 64)
+        assert [S._symbolic(e) for e in again[1]] == [S._symbolic(e) for e in events]
+        assert [S._symbolic(e) for e in r_events] != [S._symbolic(e) for e in events]
         # the reversed scene renders the reversed frames: a twin looks like any other clip
-        fwd = P._render_clip(objs, events, 20, TINY).astype(int)
-        bwd = P._render_clip(r_objs, r_events, 20, TINY).astype(int)
+        fwd = S.render_clip(objs, events, 20, TINY).astype(int)
+        bwd = S.render_clip(r_objs, r_events, 20, TINY).astype(int)
         assert np.abs(fwd[::-1] - bwd).max() <= 1
 
 
@@ -255,7 +256,7 @@ def test_event_grammar_is_reversal_symmetric() -> None:
     rng = np.random.default_rng(1)
     kinds: Counter[str] = Counter()
     for _ in range(3000):
-        _, events = P._sample_scene(rng, TINY)
+        _, events = S.sample_scene(rng, TINY)
         kinds.update(e.arg if e.kind == "move" else e.kind for e in events)
     for a, b in (("appear", "disappear"), ("grow", "shrink"), ("left", "right"), ("up", "down")):
         n = kinds[a] + kinds[b]
@@ -271,8 +272,8 @@ def _pretraining_vocabulary(n: int = 20000) -> set[str]:
     words: set[str] = set()
     for i in range(n):
         rng = np.random.default_rng([0, 0, i])
-        objs, cells = P._sample_static(rng, PocketConfig())
-        words.update(P._static_caption(objs, cells, rng, 64).replace(",", " ").split())
+        objs, cells = S.sample_static(rng, PocketConfig())
+        words.update(S.static_caption(objs, cells, rng, 64).replace(",", " ").split())
     return words
 
 
@@ -292,9 +293,9 @@ def test_every_caption_is_a_static_clause_then_an_event_clause(world: Path) -> N
                 assert set(static.replace(",", " ").split()) <= vocab, static
                 # every object of the first frame is named with its size word, colour word and position
                 for obj in rec["first_frame"]:
-                    assert any(w in static for w in P._COLOUR_WORDS[obj["colour"]]), (static, obj)
-                    assert any(w in static for w in P._SHAPE_WORDS[obj["shape"]]), (static, obj)
-                assert len(tok.encode(cap)) + 2 <= P.CAPTION_TOKENS  # never truncated
+                    assert any(w in static for w in S._COLOUR_WORDS[obj["colour"]]), (static, obj)
+                    assert any(w in static for w in S._SHAPE_WORDS[obj["shape"]]), (static, obj)
+                assert len(tok.encode(cap)) + 2 <= S.CAPTION_TOKENS  # never truncated
 
 
 def test_first_frame_record_matches_the_pixels(world: Path) -> None:
@@ -313,8 +314,8 @@ def test_first_frame_record_matches_the_pixels(world: Path) -> None:
 def test_moves_are_one_grid_cell_and_stay_on_the_grid() -> None:
     rng = np.random.default_rng(5)
     for _ in range(300):
-        objs, events = P._sample_scene(rng, TINY)
-        starts, final = P._start_states(objs, events, 64)
+        objs, events = S.sample_scene(rng, TINY)
+        starts, final = S._start_states(objs, events, 64)
         assert any(o.present for o in objs) and any(o.present for o in final)  # no empty first or last frame
         for e in events:
             if e.kind == "move":
@@ -322,7 +323,7 @@ def test_moves_are_one_grid_cell_and_stay_on_the_grid() -> None:
         for o in (*objs, *final):
             half = o.size / 2
             assert half <= o.x <= 64 - half and half <= o.y <= 64 - half
-            row, col = P._cell(o, 64)
+            row, col = S.cell_of(o, 64)
             assert abs(o.x - (col + 0.5) * 64 / 3) <= 0.05 * 64 + 1e-6
             assert abs(o.y - (row + 0.5) * 64 / 3) <= 0.05 * 64 + 1e-6
 

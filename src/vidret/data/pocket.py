@@ -14,7 +14,7 @@
   clause says what happens in which order, with several templates and synonyms (some put the later
   event first: "B after A"), and is what adaptation must learn: "a big red circle in the top left and
   a small blue square in the centre; the square moves right, then the red circle turns green". Every
-  caption fits in ``CAPTION_TOKENS`` tokens (redrawn otherwise), so nothing is truncated.
+  caption fits in ``pocket_scenes.CAPTION_TOKENS`` tokens (redrawn otherwise), so nothing is truncated.
   ``probe`` holds static clips with pretraining-style captions (a zero-shot sanity check).
 - ``test_pairs.json``: the time-reversed hard negatives. For a share of the test clips the same frames
   in reverse order are a second video (``<id>_rev``) whose caption describes the reversed events.
