@@ -177,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture and parameter counts of a named backbone or checkpoint file",
         "vidret backbone info /models/ViT-B-16.pt",
     )
-    s.add_argument("name_or_path", help="a name from `vidret backbone list`, or a checkpoint file or HF folder")
+    s.add_argument(
+        "name_or_path",
+        help="a name from `vidret backbone list`, a checkpoint file or HF folder, or a Hugging Face Hub repo id "
+        "(owner/name)",
+    )
     s.add_argument("--json", action="store_true", help="print everything as JSON")
     s = add(
         bb,
@@ -387,8 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
 
     s = add(sub, "plot", cmd_plot, "draw a run's loss and recall curves to PNG", "vidret plot runs/pocket/mv_adapter")
-    s.add_argument("run", help="run folder (with metrics.jsonl)")
-    s.add_argument("--out", default=None, help="PNG file to write (default: RUN/curves.png)")
+    s.add_argument(
+        "run", help="run folder (with metrics.jsonl), or a `vidret demo` results.json to re-draw its comparison plot"
+    )
+    s.add_argument("--out", default=None, help="PNG file to write (default: RUN/curves.png, or results.png beside it)")
     s.add_argument("--json", action="store_true", help='print {"written": path} as JSON')
 
     be = group("bench", "speed and memory benchmarks", "vidret bench train -- --help")

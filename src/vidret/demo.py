@@ -494,46 +494,10 @@ def _bytes(n: int) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
+    from vidret.train.plot import plot_comparison
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:  # the [plot] extra is optional
         return None
-    rows = results["rows"]
-    names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    x = range(len(rows))
-    axes[0].bar(
-        x,
-        [r["t2v"]["R1"]["mean"] for r in rows],
-        yerr=[r["t2v"]["R1"]["std"] for r in rows],
-        color="tab:blue",
-        label="T2V R@1",
-    )
-    axes[0].errorbar(
-        x,
-        [r["pair_accuracy"]["mean"] for r in rows],
-        yerr=[r["pair_accuracy"]["std"] for r in rows],
-        fmt="o-",
-        color="tab:red",
-        label="reversed pairs %",
-    )
-    axes[0].axhline(50, ls="--", color="grey", lw=0.8)
-    axes[0].set_xticks(list(x), names, rotation=30)
-    axes[0].set_ylabel("%")
-    axes[0].set_title(f"pocket world test split ({len(results['seeds'])} seed(s))")
-    axes[0].legend()
-    share = [max(r["percent_non_embedding"], 0.01) for r in rows]
-    axes[1].scatter(share, [r["t2v"]["R1"]["mean"] for r in rows])
-    for s, r in zip(share, rows):
-        axes[1].annotate(r["method"], (s, r["t2v"]["R1"]["mean"]))
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("trainable, % of non-embedding parameters")
-    axes[1].set_ylabel("T2V R@1")
-    axes[1].set_title("quality vs parameters")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_comparison(results, path)

@@ -213,6 +213,8 @@ def test_recorded_backbone_file_is_not_loaded_without_the_flag(
 def test_resolve_backbone_follows_only_names_unless_told() -> None:
     assert resolve_backbone(None, {}, "ViT-B-32") == "ViT-B-32"  # a pretrained name: sha256-checked download
     assert resolve_backbone(None, {}, "random:pocket-tiny") == "random:pocket-tiny"  # loads no file
+    hub_id = "openai/clip-vit-base-patch16"  # a Hub repo id: config.json + weights fetched by name, read as data
+    assert resolve_backbone(None, {}, hub_id) == hub_id
     assert resolve_backbone("/my/backbone.pt", {}, "ViT-B-32") == "/my/backbone.pt"  # the user's explicit choice
     for recorded in ("/tmp/backbone.pt", "random:../../../tmp/x", "pocket-tiny/../../x"):
         with pytest.raises(VidretError, match="--backbone"):

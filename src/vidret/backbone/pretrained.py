@@ -8,7 +8,10 @@
   plain ``torch.save`` state dict (``.pt/.pth/.bin``, also open_clip training checkpoints), or
   ``.safetensors`` (HF keys, OpenAI keys, or ours as written by :func:`convert_checkpoint`);
 * an HF ``CLIPModel`` directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, sharded
-  or not).
+  or not);
+* a Hugging Face Hub repo id, ``owner/name`` that is not a local path (``openai/clip-vit-base-patch16``): its
+  ``config.json`` and weights only, through ``huggingface_hub``'s cache and offline mode (:mod:`vidret.backbone.hub`),
+  then read as an HF directory.
 
 Safety: no file is ever unpickled with code. ``torch.load`` always runs with ``weights_only=True``, which
 refuses any pickle that would construct arbitrary Python objects. OpenAI publishes TorchScript archives,
@@ -42,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from vidret.backbone import hub
 from vidret.backbone.clip import CLIP, CLIPConfig, fingerprint, get_config, list_configs
 from vidret.backbone.convert import (
     Layout,
@@ -555,11 +559,14 @@ def _resolve(
             f"{text!r} is an architecture without pretrained weights: use vidret.create_backbone({text!r}) "
             "for random init, or pass a checkpoint path"
         )
+    if hub.is_hub_id(text):
+        return hub.fetch(text), None
     if os.sep in text or "/" in text or text.endswith(_SUFFIXES):
         raise VidretError(f"no such checkpoint file or directory: {p}")
     raise VidretError(
         f"unknown backbone {text!r}: pretrained names are {', '.join(PRETRAINED)}; or pass the path of a "
-        "checkpoint file (OpenAI .pt, open_clip, safetensors) or an HF CLIPModel directory"
+        "checkpoint file (OpenAI .pt, open_clip, safetensors) or an HF CLIPModel directory, or a Hugging Face Hub "
+        "repo id (openai/clip-vit-base-patch16)"
     )
 
 
@@ -574,9 +581,11 @@ def load_backbone(
     """A CLIP backbone with pretrained weights, in eval mode.
 
     Args:
-        name_or_path: a name from ``PRETRAINED`` (downloaded once, sha256-checked) or a checkpoint path
-            (OpenAI TorchScript / state-dict ``.pt``, open_clip checkpoint, ``.safetensors``, HF directory).
-        cache_dir: download cache; default ``$VIDRET_CACHE`` or ``~/.cache/vidret``.
+        name_or_path: a name from ``PRETRAINED`` (downloaded once, sha256-checked), a checkpoint path
+            (OpenAI TorchScript / state-dict ``.pt``, open_clip checkpoint, ``.safetensors``, HF directory) or a
+            Hugging Face Hub repo id (``owner/name``, not a local path).
+        cache_dir: download cache of ``PRETRAINED`` names; default ``$VIDRET_CACHE`` or ``~/.cache/vidret``. Hub
+            repos use the Hugging Face cache (``HF_HUB_CACHE``).
         device: where the weights go.
         dtype: parameter dtype (OpenAI ships fp16; the default fp32 matches OpenAI's CPU loading).
         progress: show a download progress bar.
@@ -604,7 +613,9 @@ def _param_counts(shapes: Mapping[str, Tensor]) -> dict[str, int]:
 def backbone_info(
     name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
-    """Architecture, parameter counts per tower and source of a backbone name or checkpoint (no download).
+    """Architecture, parameter counts per tower and source of a backbone name or checkpoint.
+
+    Downloads nothing for a pretrained name; a Hub repo id is fetched (the weights give the counts).
 
     Returns:
         ``{"name", "source", "format", "architecture", "parameters": {"visual", "text", "other", "total"},
@@ -658,7 +669,7 @@ def convert_checkpoint(
     inference. Written to a temporary name and renamed, so ``dst`` is never half-written.
 
     Args:
-        src: a checkpoint path, HF directory or pretrained name.
+        src: a checkpoint path, HF directory, pretrained name or Hub repo id.
         dst: output file; a directory gets ``<src stem>.safetensors`` inside it.
         dtype: cast floating tensors (e.g. ``torch.float16``); None keeps the stored dtypes.
         cache_dir: download cache for pretrained names.
@@ -670,7 +681,10 @@ def convert_checkpoint(
     ckpt = load_checkpoint(path)
     out = Path(dst).expanduser()
     if out.is_dir():
-        out = out / f"{path.stem if path.is_file() else path.name}.safetensors"
+        text = os.fspath(src)
+        # a Hub snapshot folder is named by its commit hash: name the file after the repo instead
+        stem = text.replace("/", "--") if hub.is_hub_id(text) else path.stem if path.is_file() else path.name
+        out = out / f"{stem}.safetensors"
     if out.suffix != ".safetensors":
         raise VidretError(f"the output {out} must end in .safetensors")
     # Clone: q/k/v split from OpenAI's fused in_proj are views of one storage, which safetensors refuses.

@@ -480,16 +480,19 @@ def backbone_spec_for(spec: str) -> str:
 def loads_no_file(spec: str) -> bool:
     """Whether a backbone spec read from a file may be followed without the user's say.
 
-    Only a pretrained name (downloaded from its pinned URL, sha256-checked) or ``random:<bundled config>``
-    qualifies; a path could name any local file, e.g. a TorchScript archive shipped with a shared index. A
-    name that is also a file here would be loaded as that file, so it does not qualify either.
+    Only a pretrained name (downloaded from its pinned URL, sha256-checked), a Hugging Face Hub repo id (its
+    ``config.json`` and weights fetched by name and read as data, like any checkpoint) or
+    ``random:<bundled config>`` qualifies; a path could name any local file, e.g. a TorchScript archive shipped
+    with a shared index. A name that is also a file here would be loaded as that file, so it does not qualify
+    either.
     """
     from vidret.backbone.clip import list_configs
+    from vidret.backbone.hub import is_hub_id
     from vidret.backbone.pretrained import PRETRAINED
 
     if spec.startswith("random:"):
         return spec[len("random:") :] in list_configs()
-    return spec in PRETRAINED and not os.path.lexists(spec)
+    return (spec in PRETRAINED or is_hub_id(spec)) and not os.path.lexists(spec)
 
 
 def resolve_backbone(
@@ -546,7 +549,7 @@ def open_model_for_index(
     """Rebuild the model an index was built with (recorded adapter folder + backbone spec, or overrides).
 
     The recorded adapter folder is loaded as data only (``adapter.safetensors`` + ``adapter.json``); a
-    recorded backbone is followed only by pretrained name (see :func:`resolve_backbone`).
+    recorded backbone is followed only by name, pretrained or Hub (see :func:`resolve_backbone`).
     """
     from vidret.adapters.io import load_adapter, read_adapter
 
