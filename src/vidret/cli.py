@@ -29,18 +29,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vidret.commands import (
+    BENCHES,
     _norm,
     cmd_adapters_list,
     cmd_adapters_report,
     cmd_backbone_convert,
     cmd_backbone_info,
     cmd_backbone_list,
-    cmd_bench_decode,
-    cmd_bench_encode,
-    cmd_bench_hostpath,
-    cmd_bench_moments,
-    cmd_bench_search,
-    cmd_bench_train,
+    cmd_bench,
     cmd_data_check,
     cmd_data_convert,
     cmd_data_preprocess,
@@ -398,15 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help='print {"written": path} as JSON')
 
     be = group("bench", "speed and memory benchmarks", "vidret bench train -- --help")
-    for name, h, text in (
-        ("decode", cmd_bench_decode, "raw decoding vs frame cache throughput"),
-        ("train", cmd_bench_train, "training step time and peak memory of every method vs full fine-tuning"),
-        ("encode", cmd_bench_encode, "video encoding throughput"),
-        ("search", cmd_bench_search, "index and HTTP search latency"),
-        ("moments", cmd_bench_moments, "moment localisation in long stitched pocket videos: windows vs whole videos"),
-        ("hostpath", cmd_bench_hostpath, "CPU fast paths before/after: QuickGELU backward, host allocator"),
+    for name, text in (
+        ("decode", "raw decoding vs frame cache throughput"),
+        ("train", "training step time and peak memory of every method vs full fine-tuning"),
+        ("encode", "video encoding throughput"),
+        ("search", "index and HTTP search latency"),
+        ("moments", "moment localisation in long stitched pocket videos: windows vs whole videos"),
+        ("hostpath", "CPU fast paths before/after: QuickGELU backward, host allocator"),
     ):
-        s = add(be, name, h, text, f"vidret bench {name} -- --help")
+        s = add(be, name, cmd_bench, text, f"vidret bench {name} -- --help")
+        s.set_defaults(bench=name)
         s.add_argument("rest", nargs=argparse.REMAINDER, help="benchmark options (see `vidret bench NAME -- --help`)")
 
     s = add(
@@ -578,16 +575,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_BENCHES = {
-    "decode": "vidret.bench.decode",
-    "train": "vidret.bench.train",
-    "encode": "vidret.bench.encode",
-    "search": "vidret.bench.search",
-    "moments": "vidret.bench.moments",
-    "hostpath": "vidret.bench.hostpath",
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # OpenMP's default busy-waiting makes torch 8-10x slower when anything else shares the cores (measured:
     # a pocket-model step took 3.8 s instead of 0.46 s with a second process running); set before torch loads.
@@ -597,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in _BENCHES:
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         # benchmarks own their options (and --help): hand them everything after the name
         import importlib
 
@@ -605,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest[:1] == ["--"]:
             rest = rest[1:]
         try:
-            return int(importlib.import_module(_BENCHES[argv[1]]).main(rest) or 0)
+            return int(importlib.import_module(BENCHES[argv[1]]).main(rest) or 0)
         except (VidretError, OSError) as e:
             return _failed(e)
     parser = build_parser()

@@ -366,40 +366,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- bench
 
 
-def cmd_bench_decode(args: argparse.Namespace) -> int:
-    from vidret.bench.decode import main as bench_main
-
-    return bench_main(args.rest)
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from vidret.bench.train import main as bench_main
-
-    return bench_main(args.rest)
-
-
-def cmd_bench_encode(args: argparse.Namespace) -> int:
-    from vidret.bench.encode import main as bench_main
-
-    return bench_main(args.rest)
+# benchmark name -> the module whose main(argv) runs it (benchmarks own their options and --help)
+BENCHES = {
+    "decode": "vidret.bench.decode",
+    "train": "vidret.bench.train",
+    "encode": "vidret.bench.encode",
+    "search": "vidret.bench.search",
+    "moments": "vidret.bench.moments",
+    "hostpath": "vidret.bench.hostpath",
+}
 
 
-def cmd_bench_search(args: argparse.Namespace) -> int:
-    from vidret.bench.search import main as bench_main
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
 
-    return bench_main(args.rest)
-
-
-def cmd_bench_moments(args: argparse.Namespace) -> int:
-    from vidret.bench.moments import main as bench_main
-
-    return bench_main(args.rest)
-
-
-def cmd_bench_hostpath(args: argparse.Namespace) -> int:
-    from vidret.bench.hostpath import main as bench_main
-
-    return bench_main(args.rest)
+    return int(importlib.import_module(BENCHES[args.bench]).main(args.rest) or 0)
 
 
 # ----------------------------------------------------------------------------- search

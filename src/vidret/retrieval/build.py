@@ -543,6 +543,17 @@ def resolve_backbone(
     raise VidretError(f"which backbone? pass --backbone NAME|PATH (the adapter was trained on a {name!r} backbone)")
 
 
+def index_adapter(index: VideoIndex, adapter: str | None) -> tuple[str, str]:
+    """(how messages name the index, the adapter folder to load): ``adapter`` if given, else the recorded one."""
+    where = f"index {index.folder}" if index.folder else "the index"
+    adapter_path = adapter or index.identity.adapter_path
+    if not adapter_path:
+        raise VidretError(f"{where} does not record its adapter folder; pass --adapter DIR")
+    if not Path(adapter_path).is_dir():
+        raise VidretError(f"adapter folder {adapter_path} (recorded in {where}) is gone; pass --adapter DIR")
+    return where, adapter_path
+
+
 def open_model_for_index(
     index: VideoIndex, backbone: str | None = None, adapter: str | None = None, device: str = "cpu"
 ) -> Any:
@@ -553,12 +564,7 @@ def open_model_for_index(
     """
     from vidret.adapters.io import load_adapter, read_adapter
 
-    where = f"index {index.folder}" if index.folder else "the index"
-    adapter_path = adapter or index.identity.adapter_path
-    if not adapter_path:
-        raise VidretError(f"{where} does not record its adapter folder; pass --adapter DIR")
-    if not Path(adapter_path).is_dir():
-        raise VidretError(f"adapter folder {adapter_path} (recorded in {where}) is gone; pass --adapter DIR")
+    where, adapter_path = index_adapter(index, adapter)
     meta, _ = read_adapter(adapter_path)
     spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where, adapter=adapter_path)
     clip = load_backbone_spec(spec)

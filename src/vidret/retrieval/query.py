@@ -99,14 +99,9 @@ def open_text_model_for_index(
     """
     from vidret.adapters.base import DEFAULT_ADAPTER, backbone_state_dict
     from vidret.adapters.io import build_from_adapter_state, check_backbone, read_adapter
-    from vidret.retrieval.build import resolve_backbone
+    from vidret.retrieval.build import index_adapter, resolve_backbone
 
-    where = f"index {index.folder}" if index.folder else "the index"
-    adapter_path = adapter or index.identity.adapter_path
-    if not adapter_path:
-        raise VidretError(f"{where} does not record its adapter folder; pass --adapter DIR")
-    if not Path(adapter_path).is_dir():
-        raise VidretError(f"adapter folder {adapter_path} (recorded in {where}) is gone; pass --adapter DIR")
+    where, adapter_path = index_adapter(index, adapter)
     meta, tensors = read_adapter(adapter_path)
     spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where, adapter=adapter_path)
     clip, full_sd, fp = _text_side_backbone(spec)
