@@ -201,3 +201,14 @@ def test_plot_run_draws_curves(tiny_world: Path, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     with pytest.raises(VidretError, match="metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_frozen_is_a_zero_shot_run_that_saves_and_evaluates(tiny_world: Path, tmp_path: Path) -> None:
+    # The papers' frozen rows come from the same command as the trained ones: no step, the same outputs.
+    d = cfg_dict(tiny_world, tmp_path / "fz", method="frozen")
+    d["data"]["test_manifest"] = str(tiny_world / "test.jsonl")
+    res = train(config_from_dict(d), progress=False)
+    assert res.steps == 0 and res.eval is not None and 0 <= res.eval["t2v"]["R1"] <= 100
+    meta = json.loads((tmp_path / "fz/adapter/adapter.json").read_text())
+    assert meta["method"] == "frozen" and meta["trainable_parameters"] == 0
+    assert (tmp_path / "fz/results.json").is_file() and not (tmp_path / "fz/checkpoint.json").exists()

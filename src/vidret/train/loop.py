@@ -566,7 +566,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
     named = model.trainable_named_parameters()
     params = [p for _, p in named]
     head_params = {id(p) for p in model.head.parameters()}
-    opt = build_optimizer(named, cfg.optim)
+    # A method with nothing to train (frozen) is a zero-shot run: no step, but the same adapter folder and
+    # evaluation as a trained run, so the papers' frozen rows come from the same command and configs.
+    opt = build_optimizer(named, cfg.optim) if named else None
+    if opt is None:
+        total_steps = 0
+        log.info("%s has no trainable parameters: a zero-shot run (0 steps), saved and evaluated", cfg.method)
     if cfg.compile:
         compile_towers(model)
 
@@ -578,7 +583,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
             "checkpoints are no longer read (loading one can run any code it holds). Retrain: delete it, or "
             "choose another out_dir"
         )
-    if resume and ckpt_path.exists():
+    if resume and ckpt_path.exists() and opt is not None:
         pos, bad_items = load_checkpoint(out_dir, model, opt, cfg)
         bad.items = [tuple(x) for x in bad_items]  # type: ignore[misc]
         log.info(
@@ -613,7 +618,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
     last_loss = pos.loss
     clips_seen = 0
     for epoch in range(pos.epoch, cfg.epochs):
-        if step >= total_steps:
+        if step >= total_steps or opt is None:
             break
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), cfg.global_batch, cfg.seed, epoch)
