@@ -164,7 +164,8 @@ def test_caption_bank_and_video_to_text(tmp_path: Path, built_index: Path, colle
         assert main([*argv, "--json"]) == 0
     res = json.loads(buf.getvalue())
     assert [r["caption"] for r in res["results"]] == [captions[i] for i in top.indices.tolist()]
-    assert [r["line"] for r in res["results"]] == [i + 1 for i in top.indices.tolist()]
+    # 1-based position among the bank's captions (blank lines are skipped, so not a file line number)
+    assert [r["position"] for r in res["results"]] == [i + 1 for i in top.indices.tolist()]
 
 
 def test_interactive_search_keeps_one_model(

@@ -314,7 +314,7 @@ def run_search(args: argparse.Namespace) -> int:
             bank = read_caption_bank(args.captions)
             ranked = rank_captions(model, args.video, bank, index.settings, args.k)
             results = [
-                {"rank": r, "caption": bank[i], "line": i + 1, "score": round(s, 6) if math.isfinite(s) else None}
+                {"rank": r, "caption": bank[i], "position": i + 1, "score": round(s, 6) if math.isfinite(s) else None}
                 for r, (i, s) in enumerate(ranked, start=1)
             ]
             _print_results(args, where, {"video": str(args.video), "captions": str(args.captions)}, results)
