@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -77,3 +83,25 @@ def save_adapter_for(
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     vidret.save_adapter(model, out)
     return out
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[int]:
+    """Serve ``app`` with a real uvicorn on a free loopback port in a thread; yields the port, stops it after."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start within 20 s"
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(20)

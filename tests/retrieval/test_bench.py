@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 pytest.importorskip("uvicorn")
 
+from tests.retrieval.helpers import running_server  # noqa: E402
 from vidret.bench.search import (  # noqa: E402
     SearchBenchConfig,
     _prepare,
@@ -73,31 +71,16 @@ def test_prepare_builds_a_persisted_index_and_measures_recall(prepared) -> None:
 
 
 def test_run_load_through_real_uvicorn(prepared) -> None:
-    import uvicorn
-
     from vidret.retrieval.service import create_app
 
     cfg, service, _ = prepared
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started
+    with running_server(create_app(service)) as port:
         res = run_load(f"http://127.0.0.1:{port}", "exact", 3000, clients=4, duration_s=1.0, warmup_s=0.2, k=10)
         summary = res.summary()
         assert res.requests > 4 and res.errors == 0, res.error_samples
         assert 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
         bad = run_load(f"http://127.0.0.1:{port}", "missing", 3000, clients=1, duration_s=0.3, warmup_s=0, k=10)
         assert bad.errors == bad.requests > 0 and "404" in bad.error_samples[0]  # errors are counted
-    finally:
-        server.should_exit = True
-        thread.join(10)
     with contextlib.suppress(Exception):
         service.close()
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import vidret
-from tests.retrieval.helpers import BACKBONE, COLOURS, save_adapter_for
+from tests.retrieval.helpers import BACKBONE, COLOURS, running_server, save_adapter_for
 from vidret.adapters.base import backbone_named_parameters, backbone_state_dict
 from vidret.backbone.tokenizer import tokenize
 from vidret.cli import main
@@ -190,40 +187,28 @@ def test_interactive_search_keeps_one_model(
 
 
 def test_search_url_asks_a_running_server(built_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import uvicorn
-
     from vidret.retrieval.service import create_app, open_service
 
     service = open_service([f"col={built_index}"], backbone=BACKBONE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
-        capsys.readouterr()
-        assert main(["search", "--url", url, "red", "-k", "3", "--json"]) == 0
-        remote = json.loads(capsys.readouterr().out)
-        assert main(["search", str(built_index), "red", "-k", "3", "--json"]) == 0
-        local = json.loads(capsys.readouterr().out)
-        assert [r["video_id"] for r in remote["results"]] == [r["video_id"] for r in local["results"]]
-        assert [r["score"] for r in remote["results"]] == pytest.approx(
-            [r["score"] for r in local["results"]], abs=1e-4
-        )
-        assert main(["search", "--url", url, "nope", "red"]) != 0  # unknown served index: one line
-        assert "404" in capsys.readouterr().err
-        assert service.text_cache.hits >= 0 and len(service.text_cache) >= 1
-        # the served model holds no frozen vision weights
-        model = service.bank.use(service.collections["col"].adapter)
-        assert model.clip.visual.conv1.weight.is_meta
+        with running_server(create_app(service)) as port:
+            url = f"http://127.0.0.1:{port}"
+            capsys.readouterr()
+            assert main(["search", "--url", url, "red", "-k", "3", "--json"]) == 0
+            remote = json.loads(capsys.readouterr().out)
+            assert main(["search", str(built_index), "red", "-k", "3", "--json"]) == 0
+            local = json.loads(capsys.readouterr().out)
+            assert [r["video_id"] for r in remote["results"]] == [r["video_id"] for r in local["results"]]
+            assert [r["score"] for r in remote["results"]] == pytest.approx(
+                [r["score"] for r in local["results"]], abs=1e-4
+            )
+            assert main(["search", "--url", url, "nope", "red"]) != 0  # unknown served index: one line
+            assert "404" in capsys.readouterr().err
+            assert service.text_cache.hits >= 0 and len(service.text_cache) >= 1
+            # the served model holds no frozen vision weights
+            model = service.bank.use(service.collections["col"].adapter)
+            assert model.clip.visual.conv1.weight.is_meta
     finally:
-        server.should_exit = True
-        thread.join(timeout=20)
         service.close()
     assert main(["search", "--url", f"http://127.0.0.1:{port}", "red"]) != 0
     assert "cannot reach" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.retrieval.helpers import BACKBONE, COLOURS, save_adapter_for, write_clip
+from tests.retrieval.helpers import BACKBONE, COLOURS, running_server, save_adapter_for, write_clip
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -413,22 +413,8 @@ def test_text_conditioned_collection_beside_a_pooled_one(
 def test_attacks_through_a_real_uvicorn_server(client: TestClient) -> None:
     """Traversal and size attacks as raw HTTP/1.1 through uvicorn's parser (http.client sends paths as is)."""
     import http.client
-    import socket
-    import threading
-    import time
 
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
+    with running_server(client.app) as port:
         paths = [f"/{route}/col/{vid}" for route in ("videos", "thumbnails") for vid in TRAVERSALS if vid.isprintable()]
         paths += [
             "/videos/col/%2E%2E/%2E%2E/secret.mp4",
@@ -453,6 +439,3 @@ def test_attacks_through_a_real_uvicorn_server(client: TestClient) -> None:
         r = conn.getresponse()
         assert r.status == 200 and len(json.loads(r.read())["results"]) == 2
         conn.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
