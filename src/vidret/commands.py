@@ -26,6 +26,14 @@ def _norm(path: str | os.PathLike[str]) -> str:
     return os.path.normpath(os.fspath(path))
 
 
+def _print_written(args: argparse.Namespace, path: str | os.PathLike[str]) -> None:
+    """The result of a command that writes one file: its path (``{"written": path}`` with --json)."""
+    if args.json:
+        _print_json({"written": os.path.abspath(path)})
+    else:
+        print(f"wrote {_norm(path)}")
+
+
 def _note(message: str) -> None:
     """A one-line note for humans (stderr), kept apart from results (stdout)."""
     print(f"vidret: {message}", file=sys.stderr)
@@ -85,10 +93,7 @@ def cmd_backbone_convert(args: argparse.Namespace) -> int:
     from vidret.backbone.pretrained import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst)
-    if args.json:
-        _print_json({"written": os.path.abspath(out)})
-    else:
-        print(f"wrote {_norm(out)}")
+    _print_written(args, out)
     return 0
 
 
@@ -356,10 +361,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from vidret.train.plot import plot_run
 
     out = plot_run(args.run, args.out)
-    if args.json:
-        _print_json({"written": os.path.abspath(out)})
-    else:
-        print(f"wrote {_norm(out)}")
+    _print_written(args, out)
     return 0
 
 
