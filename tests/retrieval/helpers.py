@@ -33,14 +33,21 @@ BACKBONE = "random:pocket-tiny"  # image_size 32, embed_dim 32
 
 def write_clip(path: Path, colour: tuple[int, int, int], seconds: float = 2.0, fps: int = 10, size: int = 48) -> Path:
     """A small h264 clip: a flat colour with a moving grey square (so frames differ a little)."""
+    return write_parts(path, [colour], seconds, fps, size)
+
+
+def write_parts(
+    path: Path, colours: list[tuple[int, int, int]], seconds: float = 2.0, fps: int = 10, size: int = 48
+) -> Path:
+    """An h264 video of flat-colour parts of ``seconds`` each, in order, with a moving grey square on top."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = int(seconds * fps)
+    per = int(seconds * fps)
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = size, size, "yuv420p"
-        for i in range(n):
+        for i in range(per * len(colours)):
             img = np.empty((size, size, 3), np.uint8)
-            img[:] = colour
+            img[:] = colours[i // per]
             x = (i * 3) % (size - 8)
             img[8:16, x : x + 8] = 128
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
-from tests.retrieval.helpers import BACKBONE, COLOURS, write_clip
+from tests.retrieval.helpers import BACKBONE, COLOURS, write_clip, write_parts
 from vidret.errors import VidretError
 from vidret.retrieval.build import build_index, video_query_vector
 from vidret.retrieval.index import VideoIndex
@@ -20,23 +18,9 @@ from vidret.retrieval.moments import grouped_topk, iou, plan_windows, window_id
 STITCHED = ["red", "green", "blue", "yellow"]  # 2 s each: red 0-2, green 2-4, blue 4-6, yellow 6-8
 
 
-def write_stitched(path: Path, names: list[str], seconds: float = 2.0, fps: int = 10, size: int = 48) -> Path:
-    """One h264 video made of flat-colour parts of ``seconds`` each (a moving grey square on top)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    per = int(seconds * fps)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
-        for i in range(per * len(names)):
-            img = np.empty((size, size, 3), np.uint8)
-            img[:] = COLOURS[names[i // per]]
-            x = (i * 3) % (size - 8)
-            img[8:16, x : x + 8] = 128
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+def write_stitched(path: Path, names: list[str], seconds: float = 2.0) -> Path:
+    """One h264 video made of the named flat colours, ``seconds`` each."""
+    return write_parts(path, [COLOURS[n] for n in names], seconds)
 
 
 # ------------------------------------------------------------------------------------------ planning
