@@ -275,14 +275,14 @@ def _train_resize_note(cfg: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vidret.adapters.io import load_adapter, read_adapter, recorded_eval_settings
+    from vidret.adapters.io import load_adapter, read_adapter_meta, recorded_eval_settings
     from vidret.eval.evaluate import evaluate_model, settings_for_adapter
     from vidret.eval.metrics import format_metrics
     from vidret.retrieval.build import load_backbone_spec, resolve_backbone
     from vidret.train.config import DataConfig
     from vidret.train.loop import resolve_device
 
-    meta, _ = read_adapter(args.adapter)
+    meta = read_adapter_meta(args.adapter)  # the tensors are read (and checked) once, by load_adapter
     # a recorded pretrained name is followed; a recorded file path only when the user names it (docs/security.md)
     clip = load_backbone_spec(resolve_backbone(args.backbone, meta, adapter=args.adapter))
     model = load_adapter(clip, args.adapter)

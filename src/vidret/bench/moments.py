@@ -64,7 +64,7 @@ def stitch(clips: list[Path], out: Path) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from vidret.adapters.io import load_adapter, read_adapter
+    from vidret.adapters.io import load_adapter, read_adapter_meta, recorded_eval_settings
     from vidret.data.manifest import ManifestEntry, read_manifest
     from vidret.retrieval.build import build_index, load_backbone_spec, resolve_backbone
     from vidret.retrieval.index import VideoIndex
@@ -90,10 +90,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entries.append(ManifestEntry(vid, str(long_dir / f"{vid}.mp4")))
         events += [(e.captions[0], vid, (i * clip_s, (i + 1) * clip_s)) for i, e in enumerate(part)]
 
-    meta, _ = read_adapter(args.adapter)
+    meta = read_adapter_meta(args.adapter)
     model = load_adapter(load_backbone_spec(resolve_backbone(args.backbone, meta, adapter=args.adapter)), args.adapter)
     model.eval()
-    ev = (meta.get("extra") or {}).get("eval") or {}
+    ev = recorded_eval_settings(meta)
     segment = args.segment or clip_s
     stride = args.stride or segment / 2
     base = {"image_size": model.clip.config.vision.image_size, "dtype": "float32"}

@@ -562,10 +562,10 @@ def open_model_for_index(
     The recorded adapter folder is loaded as data only (``adapter.safetensors`` + ``adapter.json``); a
     recorded backbone is followed only by name, pretrained or Hub (see :func:`resolve_backbone`).
     """
-    from vidret.adapters.io import load_adapter, read_adapter
+    from vidret.adapters.io import load_adapter, read_adapter_meta
 
     where, adapter_path = index_adapter(index, adapter)
-    meta, _ = read_adapter(adapter_path)
+    meta = read_adapter_meta(adapter_path)  # the tensors are read (and checked) once, by load_adapter
     spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where, adapter=adapter_path)
     clip = load_backbone_spec(spec)
     model = load_adapter(clip, adapter_path)

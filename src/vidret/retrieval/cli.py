@@ -29,7 +29,7 @@ def run_index(args: argparse.Namespace) -> int:
     """``vidret index --adapter DIR (--videos DIR | --manifest M) --out INDEX [--update]``."""
     from dataclasses import asdict
 
-    from vidret.adapters.io import load_adapter, read_adapter, recorded_eval_settings
+    from vidret.adapters.io import load_adapter, read_adapter_meta, recorded_eval_settings
     from vidret.eval.evaluate import settings_for_adapter
     from vidret.retrieval.build import backbone_spec_for, load_backbone_spec, resolve_backbone
     from vidret.retrieval.index_files import IndexSettings, read_index_meta
@@ -38,7 +38,7 @@ def run_index(args: argparse.Namespace) -> int:
         raise VidretError("give exactly one of --videos DIR or --manifest FILE")
     out = Path(args.out)
     existing = read_index_meta(out) if args.update and (out / "index.json").exists() else None
-    meta, _ = read_adapter(args.adapter)
+    meta = read_adapter_meta(args.adapter)  # the tensors are read (and checked) once, by load_adapter
     recorded = existing["model"].get("backbone_spec", "") if existing else ""
     spec = backbone_spec_for(
         resolve_backbone(args.backbone, meta, recorded, where=f"index {out}", adapter=args.adapter)
@@ -67,10 +67,11 @@ def run_index(args: argparse.Namespace) -> int:
     else:
         default = asdict(IndexSettings())
         keys = ("num_frames", "max_words", "sampling", "fps", "max_candidates")
-        base, notices = settings_for_adapter(recorded_eval_settings(meta), encoding, {k: default[k] for k in keys})
+        recorded_eval = recorded_eval_settings(meta)
+        base, notices = settings_for_adapter(recorded_eval, encoding, {k: default[k] for k in keys})
         for line in notices:
             print(line, file=sys.stderr)
-        trained = recorded_eval_settings(meta).get("image_size", clip.config.vision.image_size)
+        trained = recorded_eval.get("image_size", clip.config.vision.image_size)
         if trained != clip.config.vision.image_size:
             print(
                 f"note: the adapter was trained on {trained} px frames; indexes take the backbone's "

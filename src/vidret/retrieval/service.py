@@ -721,7 +721,7 @@ def open_service(
     folders media routes serve from. ``captions`` (``serve --captions``): a caption bank file for ``/captions``.
     """
     from vidret.adapters.base import backbone_state_dict
-    from vidret.adapters.io import read_adapter
+    from vidret.adapters.io import read_adapter_meta
     from vidret.backbone.clip import fingerprint
     from vidret.model import AdapterBank
     from vidret.retrieval.build import load_backbone_spec, resolve_backbone
@@ -736,7 +736,7 @@ def open_service(
     if not first.adapter_path or not Path(first.adapter_path).is_dir():
         raise VidretError(f"index {loaded[0][0]}: its adapter folder {first.adapter_path!r} is gone")
     spec = resolve_backbone(
-        backbone, read_adapter(first.adapter_path)[0], first.backbone_spec, where=f"index {loaded[0][1]}"
+        backbone, read_adapter_meta(first.adapter_path), first.backbone_spec, where=f"index {loaded[0][1]}"
     )
     clip = load_backbone_spec(spec)
     have = fingerprint(backbone_state_dict(clip))
