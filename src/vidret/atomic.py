@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -98,11 +99,13 @@ def replace_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def remove_unreferenced(folder: str | os.PathLike[str], stems: Iterable[str], keep: Iterable[str]) -> None:
-    """Delete ``<stem>-*`` files of ``folder`` that the manifest no longer names (older generations)."""
+    """Delete the older generations of content-named files in ``folder``: names ``<stem>-<12 hex><suffix>`` (as
+    :func:`write_content_named` makes them) that the manifest no longer names. Any other file (a user's
+    ``adapter-notes.txt``) is never touched."""
     keep_names = set(keep)
-    prefixes = tuple(f"{s}-" for s in stems)
+    generation = re.compile(rf"(?:{'|'.join(re.escape(s) for s in stems)})-[0-9a-f]{{{HASH_CHARS}}}(?:\.\w+)+")
     for p in Path(folder).iterdir():
-        if p.is_file() and not p.is_symlink() and p.name.startswith(prefixes) and p.name not in keep_names:
+        if generation.fullmatch(p.name) and p.name not in keep_names and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
 
 

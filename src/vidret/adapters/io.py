@@ -116,9 +116,7 @@ def save_adapter(model: Any, out_dir: str | os.PathLike[str], extra: dict[str, A
     name, digest = write_content_named(out, WEIGHTS_STEM, WEIGHTS_SUFFIX, write)
     meta["weights"] = {"file": name, "sha256": digest}
     replace_json(out / META_FILE, meta)
-    # Only files named like a weights generation are candidates for removal (a user's "adapter-notes.txt" stays).
-    keep = [name] + [p.name for p in out.iterdir() if not _WEIGHTS_NAME.fullmatch(p.name)]
-    remove_unreferenced(out, [WEIGHTS_STEM], keep)
+    remove_unreferenced(out, [WEIGHTS_STEM], [name])
     (out / LEGACY_WEIGHTS_FILE).unlink(missing_ok=True)
     _sweep(out)
     return out
