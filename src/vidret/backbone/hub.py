@@ -48,14 +48,15 @@ def is_hub_id(spec: str) -> bool:
     )
 
 
-def _env_true(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """Whether an on/off environment setting is on (unset, "", 0, false, no, off: off). VIDRET_OFFLINE reads it too."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _offline_reason(hf: Any) -> str | None:
     """Which setting forbids network access, or None. huggingface_hub reads HF_HUB_OFFLINE once at import."""
     for name in ("VIDRET_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if _env_true(name):
+        if env_flag(name):
             return name
     return "HF_HUB_OFFLINE" if getattr(hf.constants, "HF_HUB_OFFLINE", False) else None
 

@@ -24,7 +24,6 @@ reads them as data instead: the zip's ``data.pkl`` through a restricted unpickle
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import logging
@@ -45,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from vidret.atomic import sha256_file
 from vidret.backbone import hub
 from vidret.backbone.clip import CLIP, CLIPConfig, fingerprint, get_config, list_configs
 from vidret.backbone.convert import (
@@ -146,7 +146,7 @@ def resolve_cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _offline() -> bool:
-    return os.environ.get("VIDRET_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    return hub.env_flag("VIDRET_OFFLINE")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,14 +164,6 @@ def _manual_hint(name: str, src: PretrainedSource, target: Path, reason: str) ->
         f"either put it at {target} or pass its path: vidret.load_backbone('/path/{src.filename}') "
         f"or --backbone /path/{src.filename}"
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stamp_path(target: Path) -> Path:
@@ -217,7 +209,7 @@ def download(name: str, cache_dir: str | os.PathLike[str] | None = None, *, prog
     if target.is_file():
         if _stamp_ok(target, src.sha256):
             return target
-        digest = _sha256(target)
+        digest = sha256_file(target)
         if digest == src.sha256:
             _write_stamp(target, digest)
             return target
@@ -245,7 +237,7 @@ def _packaged(name: str, src: PretrainedSource) -> Path:
         raise VidretError(
             f"the weights of {name!r} should ship with vidret at {path}, but the file is missing: {regen}"
         )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != src.sha256:
         raise VidretError(f"{path} has sha256 {digest}, not the {src.sha256} vidret expects for {name!r}: {regen}")
     return path
@@ -288,7 +280,7 @@ def _download_locked(name: str, src: PretrainedSource, target: Path, progress: b
         raise VidretError(
             _manual_hint(name, src, target, f"{attempts} attempts failed, last: {last_error}")
         ) from last_error
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if digest != src.sha256:
         part.unlink()
         raise VidretError(
