@@ -65,7 +65,6 @@ _EVENT_WORDS = {
     "recolour": _w("turns {c}|becomes {c}|changes colour to {c}|changes color to {c}|switches to {c}"),
 }
 _EVENT_WORDS["recolour"].append("changes from {c0} to {c}")
-_STILL_WORDS = _w(", while {o} stays still|, while {o} does not move|; {o} stays where it is|, and {o} remains still")
 _ONE_EVENT = _w("{a}|in this clip, {a}|a clip where {a}|we see that {a}|here {a}")
 # (template, True when the later event is written first): word order must not give time order away
 _TWO_EVENTS = [(t, False) for t in _w("{a}, then {b}|{a}, and then {b}|first {a}, then {b}|{a}; after that, {b}")]
@@ -367,10 +366,9 @@ def render_clip(objs: list[Obj], events: list[Event], bg: int, cfg: PocketConfig
 # --------------------------------------------------------------------------- captions
 
 
-def _noun(o: Obj, rng: np.random.Generator, s: int, with_size: bool) -> str:
-    words = []
-    if with_size:
-        words.append(_pick(rng, _SIZE_WORDS[o.size >= object_sizes(s)[1]]))
+def _noun(o: Obj, rng: np.random.Generator, s: int) -> str:
+    """Size, colour and shape words of an object (each drawn from its synonyms)."""
+    words = [_pick(rng, _SIZE_WORDS[o.size >= object_sizes(s)[1]])]
     words += [_pick(rng, _COLOUR_WORDS[o.colour]), _pick(rng, _SHAPE_WORDS[o.shape])]
     return " ".join(words)
 
@@ -391,7 +389,7 @@ def _event_clause(objs: list[Obj], events: list[Event], rng: np.random.Generator
             shape = _pick(rng, _SHAPE_WORDS[o.shape])
             subject = f"the {shape}" if rng.random() < 0.5 else f"the {_pick(rng, _COLOUR_WORDS[o.colour])} {shape}"
         else:  # not in the first frame (it appears later): introduced in full, in the pretraining's words
-            noun = _noun(o, rng, s, with_size=True)
+            noun = _noun(o, rng, s)
             subject = f"{_article(noun)} {noun}"
         mentioned.add(e.obj)
         if e.kind == "move":

@@ -65,9 +65,6 @@ class CaptionBank:
         self._raw[key] = raw
         self._unit[key] = F.normalize(raw, dim=-1)
 
-    def encoded(self, key: str) -> bool:
-        return key in self._raw
-
     @torch.no_grad()
     def scores(self, key: str, index: Any, rows: Sequence[int], model: Any = None) -> Tensor:
         """[len(rows), B] scores of every caption against each of ``rows`` of ``index``.

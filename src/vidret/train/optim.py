@@ -22,8 +22,6 @@ from torch import nn
 from vidret.errors import VidretError
 from vidret.train.config import DecayRule, OptimConfig, Schedule
 
-GROUP_NAMES = ("decay", "no_decay", "backbone")
-
 
 def decays(name: str, param: nn.Parameter, rule: DecayRule) -> bool:
     """Whether an adapter tensor is weight-decayed under ``rule``.

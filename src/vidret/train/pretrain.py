@@ -205,11 +205,6 @@ def _pretrain(cfg: PretrainConfig, world: Path, progress: bool) -> Path:
     return out
 
 
-def _curve_point(rec: dict[str, float]) -> tuple[float, float, float]:
-    """(step, image->caption R@1, caption->image R@1) of a curve record, for the log line."""
-    return rec["step"], rec["i2t_R1"], rec["t2i_R1"]
-
-
 def _save(model: CLIP, out: Path, cfg: PretrainConfig) -> None:
     """Write atomically: .safetensors in vidret layout with the architecture in its metadata, or an OpenAI .pt."""
     out.parent.mkdir(parents=True, exist_ok=True)
