@@ -196,10 +196,16 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     return meta, tensors
 
 
-def check_backbone(meta: dict[str, Any], clip: CLIP, where: str = "adapter") -> None:
-    """Refuse an adapter made for another backbone, naming both."""
+def check_backbone(
+    meta: dict[str, Any], clip: CLIP, where: str = "adapter", have_fp: str | None = None
+) -> None:
+    """Refuse an adapter made for another backbone, naming both.
+
+    ``have_fp``: the backbone's fingerprint when ``clip`` does not hold all of its weights (a text-only model
+    loaded from a checkpoint whose full state was fingerprinted); computed from ``clip`` otherwise.
+    """
     want = meta["backbone"]
-    have_fp = fingerprint(backbone_state_dict(clip))
+    have_fp = have_fp or fingerprint(backbone_state_dict(clip))
     if want["config"] != clip.config.to_dict() or want["fingerprint"] != have_fp:
         raise VidretError(
             f"this {where} was trained on backbone {want['name']!r} (fingerprint {want['fingerprint']}), "

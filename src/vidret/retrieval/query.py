@@ -105,16 +105,8 @@ def open_text_model_for_index(
     meta, tensors = read_adapter(adapter_path)
     spec = resolve_backbone(backbone, meta, index.identity.backbone_spec, where=where, adapter=adapter_path)
     clip, full_sd, fp = _text_side_backbone(spec)
-    want = meta["backbone"]
-    if fp is None:
-        check_backbone(meta, clip)  # a random: spec is built whole
-    elif want["config"] != clip.config.to_dict() or want["fingerprint"] != fp:
-        # the check load_adapter makes, on the full checkpoint's fingerprint
-        raise VidretError(
-            f"this adapter ({adapter_path}) was trained on backbone {want['name']!r} (fingerprint "
-            f"{want['fingerprint']}), but the loaded backbone is {clip.name!r} (fingerprint {fp}); load the "
-            "backbone it was trained with (`--backbone NAME|PATH`)"
-        )
+    # fp: the full checkpoint's fingerprint (None for a random: spec, which is built whole)
+    check_backbone(meta, clip, f"adapter ({adapter_path})", have_fp=fp)
     model = build_from_adapter_state(clip, meta, tensors, DEFAULT_ADAPTER, source=str(adapter_path))
     if fp is not None:
         model.backbone_fingerprint = fp
