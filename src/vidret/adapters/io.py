@@ -196,9 +196,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     return meta, tensors
 
 
-def check_backbone(
-    meta: dict[str, Any], clip: CLIP, where: str = "adapter", have_fp: str | None = None
-) -> None:
+def check_backbone(meta: dict[str, Any], clip: CLIP, where: str = "adapter", have_fp: str | None = None) -> None:
     """Refuse an adapter made for another backbone, naming both.
 
     ``have_fp``: the backbone's fingerprint when ``clip`` does not hold all of its weights (a text-only model

@@ -63,6 +63,7 @@ from vidret.retrieval.index_files import (
     read_index_json,
     read_npy,
     read_records,
+    write_npy,
 )
 from vidret.retrieval.moments import grouped_topk
 
@@ -112,10 +113,6 @@ def check_identity(index_id: ModelIdentity, model_id: ModelIdentity, where: str 
 
 
 # ------------------------------------------------------------------------------------------ the index
-
-
-def _save_npy(f: IO[bytes], arr: np.ndarray) -> None:
-    np.save(f, arr, allow_pickle=False)
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -366,7 +363,7 @@ class VideoIndex:
             arrays["masks"] = self.masks.contiguous().numpy().astype(bool)
         files: dict[str, dict[str, str]] = {}
         for role, arr in arrays.items():
-            name, digest = write_content_named(out, role, ".npy", functools.partial(_save_npy, arr=arr))
+            name, digest = write_content_named(out, role, ".npy", functools.partial(write_npy, arr=arr))
             files[role] = {"file": name, "sha256": digest}
         if write_faiss if write_faiss is not None else self.backend_name == "faiss":
             if self.kind != "pooled":

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import IO, Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -345,6 +345,11 @@ def parse_index_meta(meta: Any, where: str | os.PathLike[str]) -> IndexMeta:
         files=files,
         root=root,
     )
+
+
+def write_npy(f: IO[bytes], arr: np.ndarray) -> None:
+    """Write an array as ``.npy`` into an open binary file, never as a pickle (what :func:`read_npy` reads back)."""
+    np.save(f, arr, allow_pickle=False)
 
 
 def read_npy(

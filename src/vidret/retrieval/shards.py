@@ -23,7 +23,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor
 from vidret.atomic import replace_json, sha256_file, write_content_named
 from vidret.data.manifest import ManifestEntry
 from vidret.errors import VidretError
-from vidret.retrieval.index_files import IndexSettings, ModelIdentity, VideoRecord, read_npy
+from vidret.retrieval.index_files import IndexSettings, ModelIdentity, VideoRecord, read_npy, write_npy
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +86,6 @@ def _rows_ok(shape: tuple[int, ...], n: int, dims: tuple[int, ...]) -> bool:
     return len(shape) in dims and shape[0] == n
 
 
-def _save_npy(f: IO[bytes], arr: np.ndarray) -> None:
-    np.save(f, arr, allow_pickle=False)
-
-
 class ShardStore:
     """The shard files of one build, in ``<index>/shards``."""
 
@@ -112,7 +107,7 @@ class ShardStore:
                 arrays["masks"] = torch.stack([m for m in masks if m is not None]).bool().numpy()
             for role, arr in arrays.items():
                 name, digest = write_content_named(
-                    self.folder, f"r{rank}{role}", ".npy", functools.partial(_save_npy, arr=arr)
+                    self.folder, f"r{rank}{role}", ".npy", functools.partial(write_npy, arr=arr)
                 )
                 files[role] = {"file": name, "sha256": digest}
         replace_json(
