@@ -11,6 +11,7 @@ fp32), and the text tower's time per query (one thread, batches of 1).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -39,7 +40,7 @@ def main() -> None:
     texts = [q for q, _ in queries]
     truth = torch.tensor([index.row_of(v) for _, v in queries])
     fp32 = open_text_model_for_index(index, args.backbone)
-    int8 = open_text_model_for_index(index, args.backbone)
+    int8 = copy.deepcopy(fp32)  # the same weights, quantised below
     n_q = quantize_text_tower(int8)
     words = index.settings.max_words
     out: dict[str, object] = {"queries": len(texts), "videos": len(index), "quantized_linears": n_q}

@@ -285,7 +285,9 @@ def run_search(args: argparse.Namespace) -> int:
             setattr(args, name, None)
     if getattr(args, "group", None) is None:
         args.group = "video"
-    if args.group not in ("video", "segment"):
+    from vidret.retrieval.moments import GROUPS
+
+    if args.group not in GROUPS:
         raise VidretError(f"--group must be 'video' or 'segment', got {args.group!r}")
     if args.k < 1:
         raise VidretError(f"-k must be >= 1, got {args.k}")

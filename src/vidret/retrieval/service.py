@@ -77,6 +77,7 @@ from vidret.retrieval.http import (
 )
 from vidret.retrieval.index import VideoIndex
 from vidret.retrieval.media import MediaFile, ThumbnailCache, open_recorded, thumbnail_strip
+from vidret.retrieval.moments import GROUPS
 from vidret.retrieval.query import TextCache
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def validate_query(text: Any) -> str:
 
 
 def validate_group(group: Any) -> str:
-    if group not in ("video", "segment"):
+    if group not in GROUPS:
         raise ApiError(422, "group must be 'video' (best window per video) or 'segment' (every window)")
     return str(group)
 
